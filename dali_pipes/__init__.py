@@ -1,0 +1,1 @@
+"""The data path: BSON reading, the record schema and writer, repacking, DALI pipelines, the loader."""

@@ -1,0 +1,98 @@
+"""Cheap JPEG validity checks, so that no image that would stop a DALI pipeline reaches a shard."""
+from __future__ import annotations
+
+from typing import Optional
+
+_SIGNATURES = {
+    b"\x89PNG": "PNG",
+    b"GIF8": "GIF",
+    b"RIFF": "WEBP/RIFF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+# SOF markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
+
+
+def check_header(data: bytes) -> Optional[str]:
+    """Walk the JPEG markers up to the start of scan; return a reason if the image is not a usable JPEG.
+
+    Checks: SOI signature, well-formed segments, a frame header with non-zero size, a start of scan, and
+    an end-of-image marker at the end (a cut-off download lacks it). Costs a few dozen byte reads."""
+    n = len(data)
+    if n < 4:
+        return f"image too small ({n} bytes)"
+    if data[:3] != b"\xff\xd8\xff":
+        for sig, name in _SIGNATURES.items():
+            if data.startswith(sig):
+                return f"not a JPEG ({name} image)"
+        return f"not a JPEG (starts with {data[:4].hex()})"
+    pos, frame = 2, None
+    while True:
+        if pos + 4 > n:
+            return "truncated JPEG header"
+        if data[pos] != 0xFF:
+            return f"corrupt JPEG header (no marker at byte {pos})"
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            return "truncated JPEG header"
+        marker = data[pos]
+        pos += 1
+        if marker in _STANDALONE:
+            continue
+        if marker == 0xD9:
+            return "JPEG ends before any image data"
+        if pos + 2 > n:
+            return "truncated JPEG header"
+        seg = (data[pos] << 8) | data[pos + 1]
+        if seg < 2 or pos + seg > n:
+            return "truncated JPEG header"
+        if marker in _SOF:
+            if seg < 8:
+                return "corrupt JPEG frame header"
+            h = (data[pos + 3] << 8) | data[pos + 4]
+            w = (data[pos + 5] << 8) | data[pos + 6]
+            if h == 0 or w == 0:
+                return f"JPEG frame of size {w}x{h}"
+            frame = (h, w)
+        elif marker == 0xDA:
+            if frame is None:
+                return "JPEG has no frame header before its scan"
+            break
+        pos += seg
+    # The end-of-image marker should close the file; allow a little trailing padding.
+    if data.rfind(b"\xff\xd9", max(0, n - 32)) < 0:
+        return "truncated JPEG (no end-of-image marker)"
+    return None
+
+
+def check_decode(data: bytes) -> Optional[str]:
+    """Full decode with libjpeg-turbo in strict mode (corrupt entropy data is an error)."""
+    reason = check_header(data)
+    if reason:
+        return reason
+    try:
+        import simplejpeg
+
+        simplejpeg.decode_jpeg(data, strict=True)
+    except ImportError:  # pragma: no cover - simplejpeg is a dependency; PIL as a fallback
+        import io
+        import warnings
+
+        from PIL import Image
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                Image.open(io.BytesIO(data)).load()
+        except Exception as e:  # noqa: BLE001 - any decoder complaint means a bad image
+            return f"JPEG does not decode ({e})"
+    except Exception as e:  # noqa: BLE001
+        return f"JPEG does not decode ({e})"
+    return None
+
+
+CHECKS = {"header": check_header, "decode": check_decode}

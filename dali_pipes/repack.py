@@ -1,0 +1,402 @@
+"""Repack a Cdiscount BSON dump into indexed TFRecord shards (the record format of DESIGN.md).
+
+Work is split by byte ranges of the BSON (one chunk ~ one shard), so the shards written depend only on the
+input and ``--shard-size-mb``, never on the number of workers. Every product read ends up either in the
+shards or in ``quarantine.csv``; the manifest, written last and atomically, holds the counts.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import bson
+import numpy as np
+
+from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
+from .jpeg_check import CHECKS
+from .records import IMAGE_FEATURES, MAX_K, ShardWriter, product_features
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+MAX_IMAGE_BYTES = 4 << 20  # the competition's images are ~5 kB; megabytes mean something is wrong
+QUARANTINE_FIELDS = ["product_id", "offset", "image_index", "reason"]
+_OWNED = ("train", "val", "test", "products", "classes.csv", "quarantine.csv", "products.csv", MANIFEST)
+
+
+class RepackError(RuntimeError):
+    """An input problem the user must fix; the message says what and how."""
+
+
+# ---- small shared helpers ------------------------------------------------------------------------
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def csv_text(header: List[str], rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+_M64 = (1 << 64) - 1
+
+
+def is_val(product_id: int, fraction: float) -> bool:
+    """Deterministic per-product split: splitmix64 of the id, compared with the fraction."""
+    z = (product_id + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    z ^= z >> 31
+    return z < fraction * 18446744073709551616.0
+
+
+def read_categories(path: str) -> List[Tuple[int, str, str, str]]:
+    """Rows of category_names.csv sorted by category id; errors name the file and line."""
+    if not os.path.isfile(path):
+        raise RepackError(f"{path}: no such file; pass the competition's category_names.csv with --categories")
+    rows, seen = [], set()
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or header[0].strip() != "category_id":
+            raise RepackError(f"{path}: expected a header starting with 'category_id' "
+                              "(category_id,category_level1,category_level2,category_level3)")
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                cid = int(row[0])
+            except ValueError:
+                raise RepackError(f"{path}:{line}: category_id {row[0]!r} is not an integer") from None
+            if cid in seen:
+                raise RepackError(f"{path}:{line}: category_id {cid} is listed twice")
+            seen.add(cid)
+            levels = (row[1:4] + ["", "", ""])[:3]
+            rows.append((cid, *levels))
+    if not rows:
+        raise RepackError(f"{path}: lists no categories")
+    return sorted(rows)
+
+
+# ---- the per-chunk worker ------------------------------------------------------------------------
+@dataclass
+class Settings:
+    bson_path: str
+    out: str
+    labelled: bool
+    class_index: Dict[int, int]
+    val_fraction: float
+    verify: str
+    max_doc_bytes: int
+    max_image_bytes: int
+
+
+@dataclass
+class ChunkResult:
+    chunk: int
+    shards: Dict[str, List[dict]] = field(default_factory=dict)  # group ("train", "products/k2/val") -> shards
+    counts: Counter = field(default_factory=Counter)
+    quarantine: List[list] = field(default_factory=list)
+    order: List[Tuple[int, int, int]] = field(default_factory=list)  # unlabelled: (id, offset, images)
+
+
+_progress = None  # shared counters (products, bytes) set by the pool initializer
+
+
+def _init_worker(progress) -> None:
+    global _progress
+    _progress = progress
+
+
+def _process_chunk(args) -> ChunkResult:
+    st, chunk, offsets, lengths, dup_of = args
+    res = ChunkResult(chunk)
+    writers: Dict[str, ShardWriter] = {}
+    check = CHECKS[st.verify]
+    splits = ("train", "val") if st.labelled else ("test",)
+
+    def writer(group: str, split: str, schema) -> ShardWriter:
+        w = writers.get(group)
+        if w is None:
+            d = os.path.join(st.out, group)
+            os.makedirs(d, exist_ok=True)
+            w = writers[group] = ShardWriter(os.path.join(d, f"{split}-{chunk:05d}.tfrecord"), schema)
+        return w
+
+    def quarantine(pid, offset, image_index, reason, images=0):
+        res.quarantine.append([pid, offset, image_index, reason])
+        if image_index == "":
+            res.counts["products_quarantined"] += 1
+            res.counts["images_quarantined"] += images
+
+    done_bytes = done_products = 0
+    try:
+        with open(st.bson_path, "rb") as f:
+            f.seek(int(offsets[0]))
+            data = memoryview(f.read(int(offsets[-1] + lengths[-1] - offsets[0])))
+        base = int(offsets[0])
+        for off, n, dup in zip(offsets.tolist(), lengths.tolist(), dup_of.tolist()):
+            res.counts["products_read"] += 1
+            done_bytes += n
+            done_products += 1
+            if _progress is not None and done_products % 256 == 0:
+                with _progress.get_lock():
+                    _progress[0] += done_products
+                    _progress[1] += done_bytes
+                done_products = done_bytes = 0
+            if n > st.max_doc_bytes:
+                quarantine("", off, "", f"document of {n} bytes exceeds the {st.max_doc_bytes}-byte limit")
+                continue
+            try:
+                doc = bson.decode(data[off - base:off - base + n])
+            except Exception as e:  # noqa: BLE001 - any decode failure quarantines just this document
+                quarantine("", off, "", f"BSON document does not decode ({type(e).__name__}: {e})")
+                continue
+            pid = doc.get("_id")
+            imgs = doc.get("imgs")
+            n_imgs = len(imgs) if isinstance(imgs, list) else 0
+            res.counts["images_read"] += n_imgs
+            if isinstance(pid, bool) or not isinstance(pid, int):
+                quarantine("", off, "", f"_id {pid!r} is missing or not an integer", n_imgs)
+                continue
+            if dup >= 0:
+                quarantine(pid, off, "", f"duplicate _id (first seen at offset {dup}; that one is kept)", n_imgs)
+                continue
+            label = -1
+            if st.labelled:
+                cat = doc.get("category_id")
+                if cat is None:
+                    quarantine(pid, off, "", "no category_id in a labelled run "
+                               "(repack unlabelled files such as test.bson with --unlabelled)", n_imgs)
+                    continue
+                label = st.class_index.get(cat, -1) if isinstance(cat, int) else -1
+                if label < 0:
+                    quarantine(pid, off, "", f"category_id {cat!r} is not in category_names.csv", n_imgs)
+                    continue
+            if n_imgs == 0:
+                quarantine(pid, off, "", "product has no images")
+                continue
+            good: List[Tuple[int, bytes]] = []
+            for j, img in enumerate(imgs):
+                pic = img.get("picture") if isinstance(img, dict) else None
+                if not isinstance(pic, (bytes, bytearray)):
+                    reason = "image entry has no 'picture' bytes"
+                elif len(pic) > st.max_image_bytes:
+                    reason = f"image of {len(pic)} bytes exceeds the {st.max_image_bytes}-byte limit"
+                else:
+                    reason = check(pic)
+                if reason:
+                    res.quarantine.append([pid, off, j, reason])
+                    res.counts["images_quarantined"] += 1
+                else:
+                    good.append((j, bytes(pic)))
+            if not good:
+                quarantine(pid, off, "", "no readable image (see the image rows)")
+                continue
+            split = splits[0] if not st.labelled or not is_val(pid, st.val_fraction) else "val"
+            k = len(good)
+            w = writer(split, split, IMAGE_FEATURES)
+            for j, pic in good:
+                w.write({"image": pic, "label": label, "product_id": pid, "image_index": j, "num_images": k})
+            kk = min(k, MAX_K)
+            pvals = {f"image_{i}": pic for i, (_, pic) in enumerate(good[:kk])}
+            pvals.update(label=label, product_id=pid)
+            writer(f"products/k{kk}/{split}", split, product_features(kk)).write(pvals)
+            res.counts["products_written"] += 1
+            res.counts["images_written"] += k
+            res.counts[f"{split}_products"] += 1
+            res.counts[f"{split}_images"] += k
+            res.counts[f"k{kk}_{split}"] += 1
+            if not st.labelled:
+                res.order.append((pid, off, k))
+        for group, w in sorted(writers.items()):
+            info = w.close()
+            info["path"] = os.path.relpath(w.path, st.out)
+            info["index"] = os.path.relpath(w.idx_path, st.out)
+            res.shards.setdefault(group, []).append(info)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    if _progress is not None:
+        with _progress.get_lock():
+            _progress[0] += done_products
+            _progress[1] += done_bytes
+    return res
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+def _prepare_out(out: str, overwrite: bool) -> None:
+    manifest = os.path.join(out, MANIFEST)
+    if os.path.exists(manifest) and not overwrite:
+        raise RepackError(f"{out} already holds a repacked dataset ({MANIFEST} exists); "
+                          "pass --overwrite to replace it, or choose another --out")
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(manifest):
+        os.remove(manifest)  # first: a crash from here on leaves no manifest, i.e. no dataset
+    for name in os.listdir(out):
+        p = os.path.join(out, name)
+        if name in _OWNED or ".tmp" in name:
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+class _Progress:
+    """A one-line progress report on stderr: products/s, MB/s, ETA."""
+
+    def __init__(self, total_products: int, total_bytes: int, enabled: bool):
+        self.total_p, self.total_b, self.enabled = total_products, total_bytes, enabled
+        self.t0 = self.last = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, products: int, nbytes: int, force: bool = False) -> None:
+        now = time.time()
+        if not self.enabled or (not force and now - self.last < (0.5 if self.tty else 10.0)):
+            return
+        self.last = now
+        dt = max(now - self.t0, 1e-9)
+        rate_b = nbytes / dt
+        eta = (self.total_b - nbytes) / rate_b if rate_b > 0 else float("inf")
+        eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta != float("inf") else "?"
+        line = (f"repack: {products:,}/{self.total_p:,} products  {products / dt:,.0f} products/s  "
+                f"{rate_b / 1e6:,.1f} MB/s  ETA {eta_s}")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fraction: float = 0.01,
+           workers: int = 1, shard_size_mb: float = 256, verify: str = "header", unlabelled: bool = False,
+           overwrite: bool = False, max_doc_bytes: int = MAX_DOC_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES,
+           progress: bool = True) -> dict:
+    """Repack ``bson_path`` into ``out``; return the manifest. Raises ``RepackError`` for unusable input."""
+    if verify not in CHECKS:
+        raise RepackError(f"--verify must be one of {', '.join(CHECKS)}, not {verify!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise RepackError(f"--val-fraction must be in [0, 1), not {val_fraction}")
+    if not os.path.isfile(bson_path):
+        raise RepackError(f"{bson_path}: no such file; pass the competition's train.bson (or test.bson "
+                          "with --unlabelled) with --bson")
+    if not unlabelled and not categories:
+        raise RepackError("a labelled repack needs --categories category_names.csv "
+                          "(or pass --unlabelled for test.bson)")
+    cats = read_categories(categories) if categories else []
+    class_index = {row[0]: i for i, row in enumerate(cats)}
+    t0 = time.time()
+    try:
+        index = scan_offsets(bson_path)
+    except BsonFileError as e:
+        raise RepackError(str(e)) from None
+    _prepare_out(out, overwrite)
+
+    # Duplicate ids, decided up front from the scan so that the first occurrence is the one kept.
+    dup_of = np.full(len(index), -1, np.int64)
+    known = np.flatnonzero(index.ids != OffsetIndex.MISSING_ID)
+    first: Dict[int, int] = {}
+    for i in known.tolist():
+        pid = int(index.ids[i])
+        if pid in first:
+            dup_of[i] = int(index.offsets[first[pid]])
+        else:
+            first[pid] = i
+
+    st = Settings(bson_path, out, not unlabelled, class_index, val_fraction, verify, max_doc_bytes,
+                  max_image_bytes)
+    ranges = index.ranges(int(shard_size_mb * (1 << 20)))
+    tasks = [(st, c, index.offsets[a:b], index.lengths[a:b], dup_of[a:b]) for c, (a, b) in enumerate(ranges)]
+    workers = max(1, min(workers, len(tasks) or 1))
+    ctx = mp.get_context("fork")
+    counters = ctx.Array("q", 2)
+    bar = _Progress(len(index), int(index.lengths.sum()), progress)
+    results: List[ChunkResult] = []
+    if workers == 1:
+        _init_worker(counters)
+        for t in tasks:
+            results.append(_process_chunk(t))
+            bar.update(counters[0], counters[1])
+    else:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(counters,)) as pool:
+            pending = pool.imap(_process_chunk, tasks)
+            for _ in tasks:
+                while True:
+                    try:
+                        results.append(pending.next(timeout=0.5))
+                        break
+                    except mp.TimeoutError:
+                        bar.update(counters[0], counters[1])
+                bar.update(counters[0], counters[1])
+    bar.update(counters[0], counters[1], force=True)
+    bar.finish()
+    _init_worker(None)
+
+    counts: Counter = Counter()
+    shards: Dict[str, List[dict]] = {}
+    qrows: List[list] = []
+    for r in results:
+        counts.update(r.counts)
+        qrows.extend(r.quarantine)
+        for group, infos in r.shards.items():
+            shards.setdefault(group, []).extend(infos)
+    if not index.complete:
+        qrows.append(["", index.stop_offset, "", f"unreadable from here to the end of the file "
+                      f"({index.file_size - index.stop_offset} bytes): {index.stop_reason}"])
+    for key in ("products_read", "products_written", "products_quarantined", "images_read",
+                "images_written", "images_quarantined"):
+        counts.setdefault(key, 0)
+    if (counts["products_read"] != counts["products_written"] + counts["products_quarantined"]
+            or counts["images_read"] != counts["images_written"] + counts["images_quarantined"]):
+        raise AssertionError(f"repack lost track of products or images: {dict(counts)}")  # a bug, not input
+
+    # Side files first, the manifest last: a DATA directory with a manifest is complete.
+    atomic_write_text(os.path.join(out, "quarantine.csv"), csv_text(QUARANTINE_FIELDS, qrows))
+    if cats:
+        atomic_write_text(os.path.join(out, "classes.csv"), csv_text(
+            ["index", "category_id", "category_level1", "category_level2", "category_level3"],
+            [(i, *row) for i, row in enumerate(cats)]))
+    if unlabelled:
+        order = sorted((o for r in results for o in r.order), key=lambda t: t[1])
+        atomic_write_text(os.path.join(out, "products.csv"),
+                          csv_text(["product_id", "offset", "num_images"], order))
+    split_names = ["train", "val"] if not unlabelled else ["test"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "labelled": not unlabelled,
+        "num_classes": len(cats),
+        "splits": {s: {"products": counts[f"{s}_products"], "images": counts[f"{s}_images"],
+                       "shards": shards.get(s, [])} for s in split_names},
+        "products_k": {str(k): {s: {"products": counts[f"k{k}_{s}"], "shards": shards.get(f"products/k{k}/{s}", [])}
+                                for s in split_names} for k in range(1, MAX_K + 1)},
+        "counts": {k: counts[k] for k in ("products_read", "products_written", "products_quarantined",
+                                          "images_read", "images_written", "images_quarantined")},
+        "quarantine": {"rows": len(qrows), "products": counts["products_quarantined"],
+                       "images": counts["images_quarantined"], "file": "quarantine.csv"},
+        "incomplete_source": None if index.complete else {
+            "stop_offset": index.stop_offset, "reason": index.stop_reason,
+            "unread_bytes": index.file_size - index.stop_offset},
+        "settings": {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "verify": verify,
+                     "max_doc_bytes": max_doc_bytes, "max_image_bytes": max_image_bytes},
+        "source": {"bson": {"name": os.path.basename(bson_path), "size": index.file_size},
+                   "categories": ({"name": os.path.basename(categories), "size": os.path.getsize(categories)}
+                                  if categories else None)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - t0, 3),
+    }
+    atomic_write_text(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    return manifest

@@ -1,0 +1,50 @@
+"""Repack a Cdiscount BSON dump into indexed TFRecord shards.
+
+    python -m tools.repack --bson train.bson --categories category_names.csv --out DATA [--workers N]
+    python -m tools.repack --bson test.bson --unlabelled --out DATA_TEST
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dali_pipes.repack import RepackError, repack
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.repack", description=__doc__.split("\n")[0])
+    ap.add_argument("--bson", required=True, help="train.bson (or test.bson with --unlabelled)")
+    ap.add_argument("--categories", help="category_names.csv (required unless --unlabelled)")
+    ap.add_argument("--out", required=True, help="output DATA directory")
+    ap.add_argument("--val-fraction", type=float, default=0.01, help="share of products for validation")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    ap.add_argument("--shard-size-mb", type=float, default=256, help="BSON bytes per shard (about)")
+    ap.add_argument("--verify", choices=["header", "decode"], default="header",
+                    help="JPEG check: cheap marker walk (header) or a full strict decode (decode)")
+    ap.add_argument("--unlabelled", action="store_true", help="no category_id expected (test.bson)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing repacked DATA")
+    ap.add_argument("--quiet", action="store_true", help="no progress line")
+    a = ap.parse_args(argv)
+    try:
+        m = repack(a.bson, a.out, categories=a.categories, val_fraction=a.val_fraction, workers=a.workers,
+                   shard_size_mb=a.shard_size_mb, verify=a.verify, unlabelled=a.unlabelled,
+                   overwrite=a.overwrite, progress=not a.quiet)
+    except RepackError as e:
+        print(f"repack: error: {e}", file=sys.stderr)
+        return 2
+    c = m["counts"]
+    splits = ", ".join(f"{s}: {v['products']:,} products / {v['images']:,} images" for s, v in m["splits"].items())
+    print(f"repacked {a.bson} -> {a.out} in {m['seconds']:.1f}s\n  {splits}\n"
+          f"  read {c['products_read']:,} products / {c['images_read']:,} images; "
+          f"quarantined {c['products_quarantined']:,} products / {c['images_quarantined']:,} images "
+          f"(see {os.path.join(a.out, 'quarantine.csv')})")
+    if m["incomplete_source"]:
+        s = m["incomplete_source"]
+        print(f"  WARNING: {a.bson} could not be read past offset {s['stop_offset']:,} ({s['reason']}); "
+              f"{s['unread_bytes']:,} bytes were not repacked. Re-download the file to get them.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
