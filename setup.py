@@ -17,6 +17,7 @@ setup(
         "pyyaml",
         "pillow",
         "crc32c",
+        "simplejpeg",
         "safetensors",
     ],
     extras_require={

@@ -47,11 +47,9 @@ def dali_features(schema: Dict[str, str]):
 
 
 # ---- protobuf encoding -------------------------------------------------------------------------
-def _varint(n: int) -> bytes:
+def _varint_slow(n: int) -> bytes:
     if n < 0:
         n += 1 << 64  # int64 two's complement, as protobuf does
-    if n < 0x80:
-        return bytes((n,))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -60,19 +58,41 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+# Lengths of ~5 kB images, labels and image indices all fall in the table: one list lookup each.
+_VARINTS = [_varint_slow(i) for i in range(1 << 16)]
+
+
+def _varint(n: int) -> bytes:
+    return _VARINTS[n] if 0 <= n < 65536 else _varint_slow(n)
+
+
 def _len_delim(tag: int, payload: bytes) -> bytes:
     return bytes((tag,)) + _varint(len(payload)) + payload
 
 
-# Pre-encoded map-entry keys: field 1 of the map entry, the feature name.
-_KEY_CACHE: Dict[str, bytes] = {}
+# Pre-encoded pieces per feature name. A record is a handful of byte strings joined once; the image bytes
+# are copied only by that join. This keeps encoding a small share of the repack's time.
+_BYTES_KEY: Dict[str, bytes] = {}
+_INT_PREFIX: Dict[Tuple[str, int], bytes] = {}
 
 
 def _key(name: str) -> bytes:
-    k = _KEY_CACHE.get(name)
+    k = _BYTES_KEY.get(name)
     if k is None:
-        k = _KEY_CACHE[name] = _len_delim(0x0A, name.encode())
+        k = _BYTES_KEY[name] = _len_delim(0x0A, name.encode())  # map entry field 1: the name
     return k
+
+
+def _int_prefix(name: str, n: int) -> bytes:
+    """Everything of an int64 feature's map entry before its ``n``-byte varint value."""
+    p = _INT_PREFIX.get((name, n))
+    if p is None:
+        key = _key(name)
+        # entry{key, value(2): Feature{int64_list(3): Int64List{value(1) packed: n bytes}}}
+        inner = bytes((0x1A, n + 2, 0x0A, n))
+        entry_len = len(key) + 2 + len(inner) + n
+        p = _INT_PREFIX[(name, n)] = b"\x0a" + _varint(entry_len) + key + bytes((0x12, len(inner) + n)) + inner
+    return p
 
 
 def encode_example(values: Dict[str, Union[bytes, int]], schema: Dict[str, str]) -> bytes:
@@ -81,14 +101,23 @@ def encode_example(values: Dict[str, Union[bytes, int]], schema: Dict[str, str])
     for name, kind in schema.items():
         v = values[name]
         if kind == "bytes":
-            # Feature{bytes_list(1): BytesList{value(1): v}}
-            feature = _len_delim(0x0A, _len_delim(0x0A, v))
+            n = len(v)
+            ln = _VARINTS[n] if n < 65536 else _varint_slow(n)
+            bl = 1 + len(ln) + n  # BytesList{value(1): v}
+            blv = _varint(bl)
+            feat = 1 + len(blv) + bl  # Feature{bytes_list(1): BytesList}
+            featv = _varint(feat)
+            key = _key(name)
+            entry = len(key) + 1 + len(featv) + feat
+            parts.append(b"".join((b"\x0a", _varint(entry), key, b"\x12", featv, b"\x0a", blv, b"\x0a", ln)))
+            parts.append(v)
         else:
-            # Feature{int64_list(3): Int64List{value(1), packed}}
-            feature = _len_delim(0x1A, _len_delim(0x0A, _varint(int(v))))
-        entry = _key(name) + _len_delim(0x12, feature)
-        parts.append(_len_delim(0x0A, entry))  # Features.feature (map) entry
-    return _len_delim(0x0A, b"".join(parts))  # Example.features
+            vv = _VARINTS[v] if 0 <= v < 65536 else _varint_slow(int(v))
+            p = _INT_PREFIX.get((name, len(vv))) or _int_prefix(name, len(vv))
+            parts.append(p)
+            parts.append(vv)
+    body = b"".join(parts)
+    return b"\x0a" + _varint(len(body)) + body  # Example.features
 
 
 def _read_varint(buf: memoryview, pos: int) -> Tuple[int, int]:

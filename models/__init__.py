@@ -1,1 +1,12 @@
+"""Models: one registry of timm trunks with the 1st-place heads, and local pretrained weights.
 
+    from models import create_model, list_models, load_pretrained, param_groups
+    model = create_model("resnet50", num_classes=5270, pretrained="resnet50_imagenet.pth")
+"""
+from .heads import HEADS, Net
+from .pretrained import load_pretrained, param_groups, read_state_dict
+from .registry import create_model, list_models, register_model
+from . import zoo  # noqa: F401  (registers the models)
+
+__all__ = ["create_model", "list_models", "load_pretrained", "param_groups", "read_state_dict",
+           "register_model", "Net", "HEADS"]

@@ -1,0 +1,132 @@
+"""The heads put on a trunk: the 1st-place head, a VGG-style head, a plain linear classifier.
+
+Each head is a subclass of `Net`, which registers the trunk's modules directly on the model; the head's
+modules sit beside them at the top level, so a ResNet with the 1st-place head has exactly the keys of the
+published 1st-place code: conv1, bn1, layer1..layer4, layer5.{0,1}, fc_p1, fc_p1_bn, fc.
+Everything after the trunk is 1x1 convolution or global pooling, so any input size works (160 crops, 180
+images, tiled products of 320x160 ... 320x320).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .trunks import Trunk
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Net(nn.Module):
+    """Trunk modules (applied in order) + a head defined by the subclass in `_build_head`/`forward_head`."""
+
+    head_kind = ""
+    head_names: tuple = ()  # top-level modules of the head, set by subclasses
+
+    def __init__(self, trunk: Trunk, num_classes: int, **head_kw):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, not {num_classes}")
+        clash = set(trunk.modules) & set(self.head_names)
+        if clash:
+            raise ValueError(f"trunk {trunk.name} already has modules named {sorted(clash)}")
+        for name, module in trunk.modules.items():
+            self.add_module(name, module)
+        self.trunk_names = tuple(trunk.modules)
+        self.trunk_channels = trunk.channels
+        self.num_classes = num_classes
+        # what load_pretrained(skip=...) and param_groups treat as new (not from an ImageNet trunk)
+        self.new_names = self.head_names + trunk.new
+        self.default_cfg = {
+            "architecture": trunk.name,
+            "head": self.head_kind,
+            "num_classes": num_classes,
+            "input_size": (3, 160, 160),  # the 1st-place training crop; any size works
+            "mean": IMAGENET_MEAN,  # what the data path feeds
+            "std": IMAGENET_STD,
+            "pretrained_cfg": trunk.cfg,  # what the trunk's ImageNet weights were trained with
+        }
+        self._build_head(trunk.channels, num_classes, **head_kw)
+        assert tuple(n for n, _ in self.named_children())[len(self.trunk_names):] == self.head_names
+
+    def _build_head(self, channels: int, num_classes: int) -> None:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.trunk_names:
+            x = self._modules[name](x)
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+class FirstPlaceNet(Net):
+    """1x1 conv to C + BN + ReLU, global average pool, Linear(C, C) + BN1d + ReLU, Linear(C, C).
+
+    The 1x1 conv before pooling lets the head see each position with C channels (5,270 in the competition)
+    instead of squeezing the trunk's 2,048 channels through one Linear."""
+
+    head_kind = "first"
+    head_names = ("layer5", "fc_p1", "fc_p1_bn", "fc")
+
+    def _build_head(self, channels: int, num_classes: int) -> None:
+        c = num_classes
+        self.layer5 = nn.Sequential(nn.Conv2d(channels, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.fc_p1 = nn.Linear(c, c)
+        self.fc_p1_bn = nn.BatchNorm1d(c)
+        self.fc = nn.Linear(c, c)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = _pool(self.layer5(x))
+        x = F.relu(self.fc_p1_bn(self.fc_p1(x)), inplace=True)
+        return self.fc(x)
+
+
+class VggNet(Net):
+    """Global average pool, two FC layers of `width` (4096 as in VGG) with ReLU and dropout, then Linear to C.
+    Used by the 1st place for ensemble variety; `vgg_width` shrinks it for tests."""
+
+    head_kind = "vgg"
+    head_names = ("fc6", "fc7", "head_drop", "fc")
+
+    def _build_head(self, channels: int, num_classes: int, vgg_width: int = 4096, vgg_dropout: float = 0.5) -> None:
+        self.fc6 = nn.Linear(channels, vgg_width)
+        self.fc7 = nn.Linear(vgg_width, vgg_width)
+        self.head_drop = nn.Dropout(vgg_dropout)
+        self.fc = nn.Linear(vgg_width, num_classes)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head_drop(F.relu(self.fc6(_pool(x)), inplace=True))
+        x = self.head_drop(F.relu(self.fc7(x), inplace=True))
+        return self.fc(x)
+
+
+class LinearNet(Net):
+    """The baseline: global average pool and one Linear, as the trunk's ImageNet classifier."""
+
+    head_kind = "linear"
+    head_names = ("fc",)
+
+    def _build_head(self, channels: int, num_classes: int) -> None:
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_pool(x))
+
+
+HEADS = {"first": FirstPlaceNet, "vgg": VggNet, "linear": LinearNet}
+
+
+def build(trunk: Trunk, num_classes: int, head: str = "first", **head_kw) -> Net:
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    return HEADS[head](trunk, num_classes, **head_kw)

@@ -1,0 +1,394 @@
+"""Repack: round trip, index files, every bad input of the data-layer issue, determinism, re-runs."""
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import bson
+import numpy as np
+import pytest
+from PIL import Image
+
+from dali_pipes.bson_io import iter_products, read_document, scan_offsets
+from dali_pipes.dataset import open_dataset, read_quarantine
+from dali_pipes.records import IMAGE_FEATURES, dali_features, product_features, read_examples, read_index
+from dali_pipes.repack import RepackError, is_val, repack
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAT0 = 1000010653
+
+
+def jpeg(seed: int, quality: int = 60) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = np.full((180, 180, 3), 255, np.uint8)
+    img[40:140, 50:130] = rng.integers(0, 255, 3, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((180, 180, 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_cats(path, ids):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["category_id", "category_level1", "category_level2", "category_level3"])
+        for c in ids:
+            w.writerow([c, "INFORMATIQUE", "ACCESSOIRE, CABLE", f"CAT {c}"])
+    return str(path)
+
+
+def good_docs(n, start=0):
+    return [{"_id": start + i, "category_id": CAT0 + i % 3, "imgs": [{"picture": jpeg(start + i * 10 + j)}
+                                                                     for j in range(1 + i % 4)]}
+            for i in range(n)]
+
+
+def write_bson(path, docs, raw_tail=b""):
+    with open(path, "wb") as f:
+        for d in docs:
+            f.write(d if isinstance(d, bytes) else bson.encode(d))
+        f.write(raw_tail)
+    return str(path)
+
+
+def run_repack(tmp_path, docs, name="D", **kw):
+    src = write_bson(tmp_path / "in.bson", docs)
+    cats = write_cats(tmp_path / "cats.csv", [CAT0, CAT0 + 1, CAT0 + 2])
+    out = str(tmp_path / name)
+    kw.setdefault("val_fraction", 0.2)
+    m = repack(src, out, categories=cats, progress=False, **kw)
+    return out, m, read_quarantine(out)
+
+
+def assert_counts_add_up(m):
+    c = m["counts"]
+    assert c["products_read"] == c["products_written"] + c["products_quarantined"]
+    assert c["images_read"] == c["images_written"] + c["images_quarantined"]
+    assert sum(s["products"] for s in m["splits"].values()) == c["products_written"]
+    assert sum(s["images"] for s in m["splits"].values()) == c["images_written"]
+
+
+def all_image_records(out, m):
+    recs = []
+    for split, s in m["splits"].items():
+        for sh in s["shards"]:
+            recs += [(split, r) for r in read_examples(os.path.join(out, sh["path"]))]
+    return recs
+
+
+# ---- round trip on generated data -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    subprocess.run([sys.executable, "-m", "tools.make_synthetic", "--out", str(d), "--products", "300",
+                    "--test-products", "40", "--categories", "6", "--seed", "3"], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    out = d / "DATA"
+    r = subprocess.run([sys.executable, "-m", "tools.repack", "--bson", str(d / "train.bson"), "--categories",
+                        str(d / "category_names.csv"), "--out", str(out), "--val-fraction", "0.2",
+                        "--workers", "2", "--shard-size-mb", "0.5", "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "quarantined 0 products" in r.stdout
+    return d, str(out)
+
+
+def test_round_trip_own_reader(generated):
+    d, out = generated
+    ds = open_dataset(out)
+    m = ds.manifest
+    assert_counts_add_up(m)
+    assert len(m["splits"]["train"]["shards"]) > 1  # several shards, written by 2 workers
+    by_key = {(r["product_id"], r["image_index"]): (split, r) for split, r in all_image_records(out, m)}
+    cats = ds.category_ids
+    assert cats == sorted(cats)
+    n_products = 0
+    for doc in iter_products(str(d / "train.bson")):
+        n_products += 1
+        expected_split = "val" if is_val(doc["_id"], 0.2) else "train"
+        for j, img in enumerate(doc["imgs"]):
+            split, r = by_key.pop((doc["_id"], j))
+            assert r["image"] == img["picture"]  # byte for byte, never re-encoded
+            assert cats[r["label"]] == doc["category_id"]
+            assert r["num_images"] == len(doc["imgs"])
+            assert split == expected_split
+    assert not by_key and n_products == m["counts"]["products_read"] == 300
+    # Product shards: K images in the BSON's order, one record per product.
+    seen = 0
+    for k in range(1, 5):
+        for split in ("train", "val"):
+            for sh in m["products_k"][str(k)][split]["shards"]:
+                for r in read_examples(os.path.join(out, sh["path"])):
+                    doc = read_document(str(d / "train.bson"), _offset_of(d, r["product_id"]))
+                    assert [r[f"image_{i}"] for i in range(k)] == [im["picture"] for im in doc["imgs"]]
+                    seen += 1
+    assert seen == 300
+
+
+_OFFSETS = {}
+
+
+def _offset_of(d, pid):
+    if d not in _OFFSETS:
+        idx = scan_offsets(str(d / "train.bson"))
+        _OFFSETS[d] = dict(zip(idx.ids.tolist(), idx.offsets.tolist()))
+    return _OFFSETS[d][pid]
+
+
+def test_dali_reads_every_record_through_the_index(generated):
+    from nvidia.dali import fn, pipeline_def
+
+    d, out = generated
+    ds = open_dataset(out)
+    for split in ("train", "val"):
+        paths, idxs, counts = ds.shards(split)
+        assert sum(counts) == ds.manifest["splits"][split]["images"]
+        for p, ip, n in zip(paths, idxs, counts):
+            assert len(read_index(ip)) == n
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def pipe():
+            r = fn.readers.tfrecord(path=paths, index_path=idxs, features=dali_features(IMAGE_FEATURES),
+                                    name="R")
+            return r["image"], r["product_id"], r["image_index"], r["label"]
+
+        p = pipe()
+        p.build()
+        total = sum(counts)
+        assert p.epoch_size("R") == total
+        own = [(r["product_id"], r["image_index"], r["image"], r["label"])
+               for pth in paths for r in read_examples(pth)]
+        got = []
+        for _ in range(total):
+            img, pid, j, lab = p.run()
+            got.append((int(pid.at(0)[0]), int(j.at(0)[0]), bytes(img.at(0)), int(lab.at(0)[0])))
+        assert got == own
+
+
+def test_dali_reads_product_shards(generated):
+    from nvidia.dali import fn, pipeline_def
+
+    _, out = generated
+    ds = open_dataset(out)
+    paths, idxs, counts = ds.shards("train", k=2)
+    assert sum(counts) == ds.manifest["products_k"]["2"]["train"]["products"] > 0
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        r = fn.readers.tfrecord(path=paths, index_path=idxs, features=dali_features(product_features(2)), name="R")
+        return fn.decoders.image(r["image_1"], device="cpu"), r["product_id"]
+
+    p = pipe()
+    p.build()
+    img, _ = p.run()
+    assert img.at(0).shape == (180, 180, 3)
+
+
+def test_same_input_gives_identical_output_whatever_the_workers(generated, tmp_path):
+    d, out = generated
+    other = tmp_path / "again"
+    repack(str(d / "train.bson"), str(other), categories=str(d / "category_names.csv"), val_fraction=0.2,
+           workers=1, shard_size_mb=0.5, progress=False)
+
+    def digest(root):
+        files = {}
+        for dirpath, _, names in os.walk(root):
+            for n in names:
+                p = os.path.join(dirpath, n)
+                data = open(p, "rb").read()
+                if n == "manifest.json":
+                    m = json.loads(data)
+                    m.pop("created"), m.pop("seconds")
+                    data = json.dumps(m, sort_keys=True).encode()
+                files[os.path.relpath(p, root)] = hashlib.sha256(data).hexdigest()
+        return files
+
+    assert digest(out) == digest(str(other))
+
+
+def test_unlabelled_keeps_product_ids_in_file_order(generated, tmp_path):
+    d, _ = generated
+    out = tmp_path / "T"
+    r = subprocess.run([sys.executable, "-m", "tools.repack", "--bson", str(d / "test.bson"), "--unlabelled",
+                        "--out", str(out), "--workers", "1", "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = json.load(open(out / "manifest.json"))
+    ids = [doc["_id"] for doc in iter_products(str(d / "test.bson"))]
+    with open(out / "products.csv") as f:
+        assert [int(row["product_id"]) for row in csv.DictReader(f)] == ids
+    recs = [r for sh in m["splits"]["test"]["shards"] for r in read_examples(str(out / sh["path"]))]
+    assert sorted({r["product_id"] for r in recs}) == sorted(ids)
+    assert {r["label"] for r in recs} == {-1}
+
+
+# ---- bad input, nothing lost ----------------------------------------------------------------------
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "tools.repack", *args, "--quiet"], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_empty_file(tmp_path):
+    src = write_bson(tmp_path / "train.bson", [])
+    r = cli("--bson", src, "--categories", write_cats(tmp_path / "c.csv", [CAT0]), "--out", str(tmp_path / "D"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "train.bson is empty" in r.stderr and "fetch the file again" in r.stderr
+    assert not os.path.exists(tmp_path / "D" / "manifest.json")
+
+
+def test_not_bson(tmp_path):
+    src = tmp_path / "train.bson"
+    src.write_text("category_id,category_level1\n1000010653,ABONNEMENT\n" * 100)
+    r = cli("--bson", str(src), "--categories", write_cats(tmp_path / "c.csv", [CAT0]), "--out", str(tmp_path / "D"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "does not look like a BSON dump" in r.stderr and "offset 0" in r.stderr
+
+
+def test_truncated_in_the_middle_of_a_document(tmp_path):
+    docs = [bson.encode(d) for d in good_docs(10)]
+    src = write_bson(tmp_path / "in.bson", docs[:7], raw_tail=docs[7][: len(docs[7]) // 2])
+    cut_at = sum(len(d) for d in docs[:7])
+    r = cli("--bson", src, "--categories", write_cats(tmp_path / "c.csv", [CAT0, CAT0 + 1, CAT0 + 2]),
+            "--out", str(tmp_path / "D"))
+    assert r.returncode == 0, r.stderr
+    assert f"could not be read past offset {cut_at:,}" in r.stdout
+    m = json.load(open(tmp_path / "D" / "manifest.json"))
+    assert m["counts"]["products_written"] == 7 and m["counts"]["products_read"] == 7
+    assert m["incomplete_source"]["stop_offset"] == cut_at and "truncated" in m["incomplete_source"]["reason"]
+    q = read_quarantine(str(tmp_path / "D"))
+    assert q[-1]["offset"] == str(cut_at) and "unreadable from here" in q[-1]["reason"]
+    assert_counts_add_up(m)
+
+
+def test_product_without_images(tmp_path):
+    docs = good_docs(4) + [{"_id": 99, "category_id": CAT0, "imgs": []}]
+    out, m, q = run_repack(tmp_path, docs)
+    assert [r["product_id"] for r in q] == ["99"] and q[0]["reason"] == "product has no images"
+    assert m["counts"]["products_quarantined"] == 1 and m["counts"]["products_written"] == 4
+    assert_counts_add_up(m)
+
+
+def test_product_without_category(tmp_path):
+    docs = good_docs(4) + [{"_id": 77, "imgs": [{"picture": jpeg(1)}, {"picture": jpeg(2)}]}]
+    out, m, q = run_repack(tmp_path, docs)
+    assert q[0]["product_id"] == "77" and "no category_id" in q[0]["reason"] and "--unlabelled" in q[0]["reason"]
+    assert m["counts"]["images_quarantined"] == 2
+    assert_counts_add_up(m)
+
+
+def test_category_not_in_csv(tmp_path):
+    docs = good_docs(4) + [{"_id": 55, "category_id": 1000099999, "imgs": [{"picture": jpeg(1)}]}]
+    out, m, q = run_repack(tmp_path, docs)
+    assert q[0]["product_id"] == "55" and "1000099999 is not in category_names.csv" in q[0]["reason"]
+    assert_counts_add_up(m)
+
+
+def test_duplicate_id(tmp_path):
+    docs = good_docs(4) + [{"_id": 2, "category_id": CAT0, "imgs": [{"picture": jpeg(5)}]}]
+    out, m, q = run_repack(tmp_path, docs)
+    assert len(q) == 1 and q[0]["product_id"] == "2" and "duplicate _id" in q[0]["reason"]
+    first = scan_offsets(str(tmp_path / "in.bson")).offsets[2]
+    assert f"first seen at offset {first}" in q[0]["reason"]
+    ids = [r["product_id"] for _, r in all_image_records(out, m)]
+    assert ids.count(2) == 3  # the first product 2 (3 images) is kept, the duplicate is not
+    assert_counts_add_up(m)
+
+
+def test_png_image_is_quarantined_product_kept(tmp_path):
+    docs = good_docs(3) + [{"_id": 42, "category_id": CAT0, "imgs": [{"picture": jpeg(1)}, {"picture": png()}]}]
+    out, m, q = run_repack(tmp_path, docs)
+    assert [(r["product_id"], r["image_index"], r["reason"]) for r in q] == [("42", "1", "not a JPEG (PNG image)")]
+    recs = [r for _, r in all_image_records(out, m) if r["product_id"] == 42]
+    assert [(r["image_index"], r["num_images"]) for r in recs] == [(0, 1)]
+    assert m["counts"]["images_quarantined"] == 1 and m["counts"]["products_quarantined"] == 0
+    assert_counts_add_up(m)
+
+
+def test_truncated_jpeg_caught_by_header_check(tmp_path):
+    bad = jpeg(3)[:900]
+    docs = good_docs(3) + [{"_id": 43, "category_id": CAT0, "imgs": [{"picture": bad}]}]
+    out, m, q = run_repack(tmp_path, docs)
+    assert q[0]["image_index"] == "0" and "truncated JPEG" in q[0]["reason"]
+    assert q[1]["product_id"] == "43" and q[1]["image_index"] == "" and "no readable image" in q[1]["reason"]
+    assert m["counts"]["products_quarantined"] == 1 and m["counts"]["images_quarantined"] == 1
+    assert_counts_add_up(m)
+
+
+def test_corrupt_jpeg_data_caught_by_decode_check(tmp_path):
+    good = jpeg(4, quality=90)
+    sos = good.index(b"\xff\xda")
+    bad = bytearray(good)
+    for i in range(sos + 40, len(good) - 10, 7):  # scramble entropy data, keep the markers intact
+        bad[i] = 0xFF if i % 2 else 0xD3
+    bad = bytes(bad)
+    docs = good_docs(3) + [{"_id": 44, "category_id": CAT0, "imgs": [{"picture": good}, {"picture": bad}]}]
+    _, m_header, q_header = run_repack(tmp_path, docs, name="H", verify="header")
+    assert q_header == []  # the marker walk cannot see damage inside the scan data
+    _, m, q = run_repack(tmp_path, docs, name="V", verify="decode")
+    assert [(r["product_id"], r["image_index"]) for r in q] == [("44", "1")]
+    assert "does not decode" in q[0]["reason"]
+    assert_counts_add_up(m)
+
+
+def test_absurdly_large_document_and_image(tmp_path):
+    big_doc = {"_id": 60, "category_id": CAT0, "imgs": [{"picture": jpeg(1)}], "junk": b"\x00" * (17 << 20)}
+    big_img = jpeg(2) + b"\x00" * (5 << 20)
+    docs = good_docs(2) + [big_doc, {"_id": 61, "category_id": CAT0, "imgs": [{"picture": big_img}]}] + good_docs(2, 100)
+    out, m, q = run_repack(tmp_path, docs)
+    reasons = {(r["product_id"], r["image_index"]): r["reason"] for r in q}
+    assert "exceeds the 16777216-byte limit" in reasons[("", "")]
+    assert "exceeds the 4194304-byte limit" in reasons[("61", "0")]
+    assert m["counts"]["products_written"] == 4 and m["counts"]["products_quarantined"] == 2
+    assert_counts_add_up(m)
+
+
+def test_corrupt_document_in_the_middle(tmp_path):
+    docs = [bson.encode(d) for d in good_docs(5)]
+    bad = bytearray(docs[2])
+    bad[4] = 0x7F  # an invalid element type: the length prefix is fine, the content is not
+    docs[2] = bytes(bad)
+    out, m, q = run_repack(tmp_path, docs)
+    assert len(q) == 1 and "does not decode" in q[0]["reason"] and q[0]["offset"] == str(len(docs[0]) + len(docs[1]))
+    assert m["counts"]["products_written"] == 4
+    assert_counts_add_up(m)
+
+
+def test_missing_categories_file_and_bson(tmp_path):
+    src = write_bson(tmp_path / "in.bson", good_docs(2))
+    r = cli("--bson", src, "--categories", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "D"))
+    assert r.returncode == 2 and "nope.csv: no such file" in r.stderr and "Traceback" not in r.stderr
+    r = cli("--bson", str(tmp_path / "none.bson"), "--unlabelled", "--out", str(tmp_path / "D"))
+    assert r.returncode == 2 and "none.bson: no such file" in r.stderr
+
+
+def test_rerun_killed_run_starts_clean_and_existing_dataset_is_refused(tmp_path):
+    out, m, _ = run_repack(tmp_path, good_docs(6))
+    # A finished dataset: refused without --overwrite.
+    with pytest.raises(RepackError, match="--overwrite"):
+        run_repack(tmp_path, good_docs(6))
+    # A killed run: no manifest, leftovers of temp files and stale shards.
+    os.remove(os.path.join(out, "manifest.json"))
+    stale = os.path.join(out, "train", "train-00099.tfrecord")
+    open(stale, "wb").write(b"junk")
+    open(os.path.join(out, "train", "train-00000.tfrecord.tmp123"), "wb").write(b"junk")
+    out2, m2, _ = run_repack(tmp_path, good_docs(4))
+    assert not os.path.exists(stale)
+    assert not any(".tmp" in n for _, _, ns in os.walk(out2) for n in ns)
+    assert m2["counts"]["products_written"] == 4
+    out3, m3, _ = run_repack(tmp_path, good_docs(5), overwrite=True)
+    assert m3["counts"]["products_written"] == 5
+
+
+def test_val_split_is_per_product_and_deterministic():
+    ids = range(20000)
+    frac = sum(is_val(i, 0.1) for i in ids) / 20000
+    assert 0.09 < frac < 0.11
+    assert [is_val(i, 0.1) for i in range(100)] == [is_val(i, 0.1) for i in range(100)]
+    assert not any(is_val(i, 0.0) for i in range(1000))

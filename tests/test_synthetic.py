@@ -1,0 +1,223 @@
+"""The synthetic Cdiscount-format generator: schema, mix, images, determinism, learnability, CLI."""
+import collections
+import csv
+import io
+import os
+
+import bson
+import numpy as np
+import pytest
+from PIL import Image
+
+from dali_pipes import synthetic
+from tools import make_synthetic
+
+N_TRAIN, N_TEST, N_CAT = 2000, 300, 20
+
+
+def _docs(path):
+    with open(path, "rb") as fh:
+        return list(bson.decode_file_iter(fh))
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.reader(fh))
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("syn"))
+    r = synthetic.make_dataset(out, products=N_TRAIN, test_products=N_TEST, categories=N_CAT, seed=0)
+    return r, _docs(r["train_bson"]), _docs(r["test_bson"])
+
+
+def _small(path, seed=0, workers=1):
+    return synthetic.make_dataset(str(path), products=120, test_products=30, categories=8, seed=seed, workers=workers)
+
+
+def _file_bytes(r):
+    return {k: open(r[k], "rb").read() for k in ("train_bson", "test_bson", "category_names", "test_answers")}
+
+
+def test_files_and_counts(ds):
+    r, train, test = ds
+    assert sorted(os.listdir(os.path.dirname(r["train_bson"]))) == [
+        "category_names.csv", "test.bson", "test_answers.csv", "train.bson"]  # no temp files left
+    assert (r["train_products"], r["test_products"], r["categories"]) == (N_TRAIN, N_TEST, N_CAT)
+    assert len(train) == N_TRAIN and len(test) == N_TEST
+    assert r["train_images"] == sum(len(d["imgs"]) for d in train)
+    assert r["test_images"] == sum(len(d["imgs"]) for d in test)
+
+
+def test_train_schema_and_ids(ds):
+    r, train, test = ds
+    for d in train:
+        assert list(d) == ["_id", "category_id", "imgs"]
+        assert type(d["_id"]) is int and type(d["category_id"]) is int
+        assert 1000000000 <= d["category_id"] <= 9999999999
+        assert 1 <= len(d["imgs"]) <= 4
+        for img in d["imgs"]:
+            assert list(img) == ["picture"] and isinstance(img["picture"], bytes)
+    ids = np.array([d["_id"] for d in train])
+    gaps = np.diff(ids)
+    assert ids[0] >= 0 and (gaps > 0).all()  # increasing, distinct
+    assert (gaps > 1).any() and np.mean(gaps == 1) > 0.3  # mostly +1, not contiguous
+    for d in test:
+        assert list(d) == ["_id", "imgs"] and type(d["_id"]) is int and 1 <= len(d["imgs"]) <= 4
+    test_ids = [d["_id"] for d in test]
+    assert test_ids == sorted(set(test_ids))
+    assert not set(test_ids) & set(ids.tolist())
+
+
+def test_category_names(ds):
+    r, train, _ = ds
+    rows = _read_csv(r["category_names"])
+    assert rows[0] == ["category_id", "category_level1", "category_level2", "category_level3"]
+    body = rows[1:]
+    assert len(body) == N_CAT and all(len(row) == 4 and all(row) for row in body)
+    cids = [int(row[0]) for row in body]
+    assert len(set(cids)) == N_CAT and all(len(row[0]) == 10 for row in body)
+    assert len({row[3] for row in body}) == N_CAT  # level3 unique
+    assert 2 <= len({row[1] for row in body}) < N_CAT  # a tree: few level1 names
+    assert {d["category_id"] for d in train} == set(cids)  # every category is used, all are listed
+    # names with commas survive the round trip (quoted by the csv module)
+    big = synthetic.category_table(200)
+    assert any("," in row[3] for row in big)
+
+
+def test_test_answers(ds):
+    r, _, test = ds
+    rows = _read_csv(r["test_answers"])
+    assert rows[0] == ["_id", "category_id"]
+    answers = {int(a): int(b) for a, b in rows[1:]}
+    assert len(answers) == len(rows) - 1 == N_TEST
+    assert set(answers) == {d["_id"] for d in test}
+    cids = {int(row[0]) for row in _read_csv(r["category_names"])[1:]}
+    assert set(answers.values()) <= cids
+
+
+def test_image_count_mix_and_category_sizes(ds):
+    _, train, _ = ds
+    n = collections.Counter(len(d["imgs"]) for d in train)
+    for k, p in zip((1, 2, 3, 4), synthetic.IMAGE_COUNT_P):
+        assert abs(n[k] / N_TRAIN - p) < 0.04, (k, n)
+    sizes = sorted(collections.Counter(d["category_id"] for d in train).values())
+    assert len(sizes) == N_CAT and sizes[0] >= 3  # every category has a few products
+    assert sizes[-1] >= 4 * sizes[0]  # uneven: some big, many small
+
+
+def test_jpegs(ds):
+    _, train, test = ds
+    pics = [img["picture"] for d in train + test for img in d["imgs"]]
+    sizes = np.array([len(p) for p in pics])
+    assert 4000 <= sizes.mean() <= 6000, sizes.mean()
+    assert sizes.min() > 1000 and sizes.max() < 20000
+    for p in pics[::7]:
+        assert p[:2] == b"\xff\xd8" and p[-2:] == b"\xff\xd9"
+        im = Image.open(io.BytesIO(p))
+        assert im.format == "JPEG" and im.size == (180, 180) and im.mode == "RGB"
+        im.load()
+    # white background: corners are near white in most images
+    corner = [np.asarray(Image.open(io.BytesIO(p)))[:6, :6].mean() for p in pics[:200]]
+    assert np.mean(np.array(corner) > 230) > 0.9
+
+
+def test_learnable(ds):
+    """Nearest class mean on 8x8 thumbnails of the first image, held-out test products."""
+    r, train, test = ds
+    answers = {int(a): int(b) for a, b in _read_csv(r["test_answers"])[1:]}
+
+    def thumbs(docs):
+        out = []
+        for d in docs:
+            im = Image.open(io.BytesIO(d["imgs"][0]["picture"]))
+            im.draft("RGB", (45, 45))
+            out.append(np.asarray(im.resize((8, 8), Image.BILINEAR), np.float32).ravel())
+        return np.stack(out)
+
+    x, y = thumbs(train), np.array([d["category_id"] for d in train])
+    xt, yt = thumbs(test), np.array([answers[d["_id"]] for d in test])
+    classes = np.unique(y)
+    means = np.stack([x[y == c].mean(0) for c in classes])
+    pred = classes[((xt[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)]
+    acc = (pred == yt).mean()
+    majority = max(np.mean(yt == c) for c in classes)
+    assert acc > 0.6 and acc > 2 * majority, (acc, majority)
+
+
+def test_deterministic(tmp_path):
+    a = _file_bytes(_small(tmp_path / "a", seed=0))
+    b = _file_bytes(_small(tmp_path / "b", seed=0))
+    assert a == b
+    c = _file_bytes(_small(tmp_path / "c", seed=1))
+    assert c["train_bson"] != a["train_bson"] and c["test_bson"] != a["test_bson"]
+    assert c["test_answers"] != a["test_answers"]
+    assert c["category_names"] == a["category_names"]  # the taxonomy does not depend on the seed
+
+
+def test_workers_do_not_change_output(tmp_path):
+    a = _file_bytes(_small(tmp_path / "a", seed=3, workers=1))
+    b = _file_bytes(_small(tmp_path / "b", seed=3, workers=2))
+    assert a == b
+
+
+def test_taxonomy_prefix_stable():
+    t5, t40 = synthetic.category_table(5), synthetic.category_table(40)
+    assert t40[:5] == t5
+    ids = [row[0] for row in t40]
+    assert ids == sorted(set(ids)) and all(1000000000 <= i < 10000000000 for i in ids)
+    s10, s30 = synthetic.category_styles(10), synthetic.category_styles(30)
+    assert (s30[:10] == s10).all()
+    assert len({tuple(s) for s in s30.tolist()}) == 30
+    assert len({(s[0], s[1]) for s in s10.tolist()}) == 10  # first ones differ in shape or colour
+
+
+def test_make_jpeg():
+    a = synthetic.make_jpeg(3, seed=1)
+    assert a == synthetic.make_jpeg(3, seed=1) and a != synthetic.make_jpeg(3, seed=2)
+    im = Image.open(io.BytesIO(a))
+    assert im.size == (180, 180) and im.mode == "RGB"
+    assert Image.open(io.BytesIO(synthetic.make_jpeg(0, mode="L"))).mode == "L"
+    assert Image.open(io.BytesIO(synthetic.make_jpeg(0, mode="CMYK"))).mode == "CMYK"
+    assert Image.open(io.BytesIO(synthetic.make_jpeg(0, size=(200, 150)))).size == (200, 150)
+    assert Image.open(io.BytesIO(synthetic.make_jpeg(0, size=64))).size == (64, 64)
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(a[: len(a) // 2])).load()
+
+
+def test_write_bson_atomic(tmp_path):
+    path = str(tmp_path / "x.bson")
+    docs = [{"_id": 1, "imgs": [{"picture": b"abc"}]}, {"_id": 2, "imgs": []}]
+    assert synthetic.write_bson(path, docs)[0] == 2
+    before = open(path, "rb").read()
+    assert [d["_id"] for d in _docs(path)] == [1, 2]
+
+    def broken():
+        yield {"_id": 3, "imgs": []}
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        synthetic.write_bson(path, broken())
+    assert open(path, "rb").read() == before  # the old file is untouched
+    assert os.listdir(tmp_path) == ["x.bson"]  # and no temp file is left
+
+
+def test_empty_and_bad_args(tmp_path):
+    r = synthetic.make_dataset(str(tmp_path), products=0, test_products=0, categories=3, seed=0)
+    assert os.path.getsize(r["train_bson"]) == 0 and os.path.getsize(r["test_bson"]) == 0
+    assert len(_read_csv(r["category_names"])) == 4
+    with pytest.raises(ValueError):
+        synthetic.make_dataset(str(tmp_path), products=10, test_products=0, categories=0)
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = make_synthetic.main(["--out", str(out), "--products", "40", "--test-products", "10",
+                              "--categories", "4", "--seed", "5"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "train.bson" in text and "images" in text and "MB" in text
+    assert len(_docs(out / "train.bson")) == 40 and len(_docs(out / "test.bson")) == 10
+    with pytest.raises(SystemExit):
+        make_synthetic.main(["--out", str(out), "--categories", "0"])

@@ -1,0 +1,48 @@
+"""Write a synthetic Cdiscount-format set: train.bson, test.bson, category_names.csv, test_answers.csv.
+
+    python -m tools.make_synthetic --out DIR [--products N] [--test-products N] [--categories C] [--seed S]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="make_synthetic", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="output directory (created if missing)")
+    ap.add_argument("--products", type=int, default=2000, help="train products (default 2000)")
+    ap.add_argument("--test-products", type=int, default=300, help="test products (default 300)")
+    ap.add_argument("--categories", type=int, default=20, help="number of categories (default 20)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed; same arguments give identical files")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="render processes (default 1; the output does not depend on it)")
+    ap.add_argument("--quality", type=int, default=None, help="JPEG quality (default 88)")
+    args = ap.parse_args(argv)
+    if args.products < 0 or args.test_products < 0:
+        ap.error("product counts must be >= 0")
+    if args.categories < 1:
+        ap.error("--categories must be >= 1")
+    if args.workers < 1:
+        ap.error("--workers must be >= 1")
+
+    from dali_pipes import synthetic
+
+    kw = {} if args.quality is None else {"quality": args.quality}
+    r = synthetic.make_dataset(args.out, products=args.products, test_products=args.test_products,
+                               categories=args.categories, seed=args.seed, workers=args.workers, **kw)
+    images = r["train_images"] + r["test_images"]
+    print(f"wrote {os.path.abspath(args.out)}")
+    for key in ("train_bson", "test_bson", "category_names", "test_answers"):
+        print(f"  {os.path.basename(r[key]):<20} {os.path.getsize(r[key]) / 1e6:9.2f} MB")
+    print(f"products: {r['train_products']} train, {r['test_products']} test; categories: {r['categories']}; "
+          f"images: {images} (mean {r['mean_jpeg_bytes'] / 1e3:.2f} kB)")
+    print(f"total {r['bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s "
+          f"({images / max(r['seconds'], 1e-9):.0f} images/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Checkpoints: atomic writes, ``weights_only`` loads, RNG states as plain data, compatibility checks.
+
+A checkpoint is a dict of tensors and plain values only (no pickled objects), so it loads with
+``torch.load(path, weights_only=True)``:
+
+    format, status ("running" | "finished" | "early_stopped"), step, steps_per_epoch, world_size,
+    model (state dict of the unwrapped model), model_name, num_classes, category_ids,
+    optimizer, scaler (state dicts), config (plain dict), best {metric, step}, loader_states, rng (per rank)
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import shutil
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from dali_pipes.dataset import check_class_map
+
+FORMAT = 1
+TMP_SUFFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(obj: dict, path: str) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it: a crash at any moment
+    leaves either the old or the new file, never a torn one."""
+    tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def copy(src: str, dst: str) -> None:
+    """Atomic copy (best.pt from last.pt without serializing twice)."""
+    tmp = f"{dst}{TMP_SUFFIX}{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temps(run_dir: str) -> List[str]:
+    """Temporary files of writes that a kill interrupted; they are never read."""
+    stale = glob.glob(os.path.join(run_dir, f"*.pt{TMP_SUFFIX}*"))
+    for p in stale:
+        os.remove(p)
+    return stale
+
+
+def load(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # a torn or foreign file: say which and why
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e}); it was not written "
+                              "by train/ or is damaged: delete it to start over, or use best.pt") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this trainer (format {FORMAT} expected)")
+    return ckpt
+
+
+# ---- RNG states as plain data ---------------------------------------------------------------------
+def rng_state(device: torch.device) -> dict:
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": list(mt), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---- compatibility ------------------------------------------------------------------------------
+def check_model(ckpt: dict, path: str, model_name: str, head: str, model: torch.nn.Module) -> None:
+    """Refuse a checkpoint of another architecture, head or class count, naming both sides."""
+    theirs = f"{ckpt.get('model_name')} (head {ckpt.get('config', {}).get('model', {}).get('head')}, " \
+             f"{ckpt.get('num_classes')} classes)"
+    ours = f"{model_name} (head {head})"
+    if ckpt.get("model_name") != model_name or ckpt.get("config", {}).get("model", {}).get("head") != head:
+        raise CheckpointError(f"{path} holds model {theirs}, this run builds {ours}: use the recipe the "
+                              "checkpoint was made with, or another --out for a new run")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    if want != have:
+        missing = sorted(set(want) - set(have))[:3]
+        extra = sorted(set(have) - set(want))[:3]
+        shapes = [k for k in set(want) & set(have) if want[k] != have[k]][:3]
+        raise CheckpointError(f"{path}: model {theirs} does not match this run's {ours}: missing {missing}, "
+                              f"unexpected {extra}, other shapes {shapes}; use another --out for a new run")
+
+
+def check_classes(ckpt: dict, path: str, category_ids: List[int]) -> None:
+    check_class_map(list(ckpt.get("category_ids", [])), list(category_ids), f"{path} vs the data")
+
+
+def best_metric(ckpt: Optional[dict]) -> Dict[str, float]:
+    if not ckpt:
+        return {"metric": -1.0, "step": -1}
+    return dict(ckpt.get("best") or {"metric": -1.0, "step": -1})

@@ -1,0 +1,263 @@
+"""The training config: typed dataclasses, strict YAML loading and ``section.key=value`` overrides.
+
+A recipe is one YAML file in ``train/configs/`` (or any path). Every key must be a field below and every
+value must have the field's type: an unknown key or a wrong type is an error that names the key. The
+resolved config is written into the run directory and stored in each checkpoint as a plain dict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from dali_pipes.config import DataConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+AMP_MODES = ("bf16", "fp16", "off")
+HEADS = ("first", "vgg", "linear")
+EARLY_STOP_METRICS = ("product_acc", "image_acc")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key (and the file)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"  # a name from models.list_models()
+    head: str = "first"  # first (1st-place head) | vgg | linear
+    pretrained: Optional[str] = None  # local path to trunk weights; never downloaded
+    channels_last: bool = True  # NHWC memory format for the model and its input
+    compile: bool = False  # torch.compile the (DDP-wrapped) model
+    sync_bn: bool = False  # SyncBatchNorm across ranks (only with more than one process)
+
+
+@dataclass
+class OptimConfig:
+    # Adam with a stepped lr: [epoch, lr] pairs, the lr of the last pair whose epoch is <= the position
+    # (completed epochs, fractional). The 1st-place seed schedule:
+    lr_schedule: List[List[float]] = field(
+        default_factory=lambda: [[0.0, 3e-4], [7.0, 1e-4], [9.0, 5e-5], [11.0, 1e-5]])
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_start * lr to lr
+    warmup_start: float = 0.1
+    pretrained_lr_mult: float = 1.0  # lr multiplier of the trunk's parameters (models.param_groups)
+    new_lr_mult: float = 1.0  # lr multiplier of the new (head) parameters
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    fused: bool = True  # fused Adam kernel where torch has one for the device
+    grad_clip: float = 0.0  # max global grad norm; 0: no clipping
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 11.5  # fractional epochs end mid-epoch
+    amp: str = "bf16"  # bf16 | fp16 (with a GradScaler) | off
+    seed: int = 0
+    deterministic: bool = False  # deterministic algorithms (bit-exact resume on CPU)
+    num_threads: int = 0  # torch intra-op threads per process; 0: torch's default
+    init_from: Optional[str] = None  # checkpoint whose model weights start a new run (fine-tuning)
+    log_every: int = 50  # steps between progress lines (and the only host syncs of the loop)
+    val_every_steps: int = 0  # validate every N steps too (0: only at epoch ends)
+    ckpt_every_steps: int = 1000  # write RUN/last.pt every N steps (and at every epoch end)
+    tensorboard: bool = True  # write RUN/tb if tensorboard is installed
+    max_steps: int = 0  # stop after this many steps in total (0: no limit; for benchmarks and tests)
+
+
+@dataclass
+class EarlyStopConfig:
+    after_epoch: Optional[float] = None  # check at the first validation at or after this epoch; null: off
+    min_val_acc: float = 0.0  # ... and stop the run if the metric is below this
+    metric: str = "product_acc"  # product_acc | image_acc
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+
+    def validate(self) -> None:
+        self.data.validate()
+        if self.model.head not in HEADS:
+            raise ConfigError(f"model.head must be one of {', '.join(HEADS)}, not {self.model.head!r}")
+        if self.train.amp not in AMP_MODES:
+            raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, not {self.train.amp!r}")
+        if self.train.epochs <= 0:
+            raise ConfigError(f"train.epochs must be > 0, not {self.train.epochs}")
+        for key in ("log_every", "ckpt_every_steps", "val_every_steps", "num_threads", "max_steps"):
+            if getattr(self.train, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0")
+        if self.train.log_every == 0:
+            raise ConfigError("train.log_every must be >= 1")
+        if self.early_stop.metric not in EARLY_STOP_METRICS:
+            raise ConfigError(f"early_stop.metric must be one of {', '.join(EARLY_STOP_METRICS)}")
+        sched = self.optim.lr_schedule
+        if not sched or any(len(p) != 2 for p in sched):
+            raise ConfigError("optim.lr_schedule must be a non-empty list of [epoch, lr] pairs")
+        if sched[0][0] != 0:
+            raise ConfigError("optim.lr_schedule must start at epoch 0 (e.g. [[0, 3e-4], [7, 1e-4]])")
+        if any(b[0] <= a[0] for a, b in zip(sched, sched[1:])):
+            raise ConfigError("optim.lr_schedule epochs must increase")
+        if len(self.optim.betas) != 2:
+            raise ConfigError("optim.betas must be two numbers")
+        if self.optim.warmup_epochs < 0 or not 0 < self.optim.warmup_start <= 1:
+            raise ConfigError("optim.warmup_epochs must be >= 0 and optim.warmup_start in (0, 1]")
+
+
+# ---- typed conversion ---------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str) -> Any:
+    """``value`` as type ``tp`` or a ConfigError naming ``key``.
+
+    Strict, with one convenience: a float field takes an int, or a string that parses as a float,
+    because YAML 1.1 reads ``3e-4`` (no dot) as a string."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if origin in (list, List):
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _unknown(key: str, known: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; known keys here: {', '.join(known)}")
+
+
+def _fill(obj, values: Dict[str, Any], prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(values).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            raise _unknown(key, list(fields))
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _fill(cur, v, key + ".")
+        else:
+            setattr(obj, k, _convert(v, hints[k], key))
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain dict (str, int, float, bool, None, lists, dicts): YAML-, JSON- and weights_only-safe."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict, where: str = "config") -> Config:
+    cfg = Config()
+    try:
+        _fill(cfg, values or {}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+# ---- recipes and overrides ----------------------------------------------------------------------
+def recipe_path(recipe: str) -> str:
+    """A recipe name (a file in train/configs/) or a path to a YAML."""
+    if os.path.isfile(recipe):
+        return recipe
+    named = os.path.join(CONFIG_DIR, f"{recipe}.yaml")
+    if os.path.sep not in recipe and os.path.isfile(named):
+        return named
+    raise ConfigError(f"recipe {recipe!r}: no such file and no {recipe}.yaml in {CONFIG_DIR}; "
+                      f"recipes: {', '.join(list_recipes())}")
+
+
+def list_recipes() -> List[str]:
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def parse_override(text: str) -> tuple:
+    """``section.key=value`` -> (["section", "key"], value); the value is read as YAML (``null``,
+    ``true``, ``[1, 2]``, numbers, strings)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value (e.g. train.epochs=2)")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be section.key (e.g. optim.warmup_epochs=1)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
+    """Overrides merged into a (nested) dict of recipe values; checking happens in ``from_dict``."""
+    out = yaml.safe_load(yaml.safe_dump(values or {}))  # deep copy
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {p} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(recipe: str, overrides: Sequence[str] = ()) -> Config:
+    path = recipe_path(recipe)
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, optim:, train:, ...)")
+    where = f"{path} with overrides {' '.join(overrides)}" if overrides else path
+    cfg = from_dict(apply_overrides(values, overrides), where)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,84 @@
+"""Process-group setup from torchrun's environment, and the few collectives the trainer needs.
+
+Without torchrun (no WORLD_SIZE) the trainer is one process and every helper here is a no-op, so
+``python -m train.train`` works as it is. With CUDA each process drives ``cuda:LOCAL_RANK`` and talks
+NCCL; without, it runs on the CPU and talks gloo.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible; "
+                               "start no more processes per node than GPUs (train/run.sh --nproc)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return Dist(rank, world, local, device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_object(obj: Any, d: Dist) -> List[Any]:
+    """Every rank's ``obj``, in rank order (a list of one without a process group)."""
+    if not d.enabled:
+        return [obj]
+    out: List[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, d: Dist, src: int = 0) -> Any:
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
+    """In place; ``op`` sum | min | max."""
+    if d.enabled:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()

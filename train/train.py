@@ -1,0 +1,429 @@
+"""The training entry: ``python -m train.train --config RECIPE [--data DATA] [--out RUN] [section.key=value ...]``.
+
+Started by ``train/run.sh`` through torchrun (one process per GPU; on a machine without GPU, CPU processes
+talking gloo), or directly as one process. Re-running the same command with an existing RUN/last.pt
+resumes exactly where that checkpoint stopped, mid-epoch included.
+
+Exit status: 0 done (or already done), 1 the loss went non-finite, 2 a config/data/checkpoint problem
+(the message says which), 3 stopped early by the ``early_stop`` rule.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dali_pipes.config import DataConfig
+from dali_pipes.dataset import DatasetError
+from dali_pipes.loader import build_loader
+from models import create_model, param_groups
+
+from . import checkpoint
+from .config import Config, ConfigError, dump_yaml, from_dict, load_config, to_dict
+from .distributed import Dist, all_gather_object, all_reduce, barrier, cleanup, setup
+from .evaluate import evaluate
+from .metrics import RunLog, memory_text, plot_curves, progress_line, summary
+from .schedule import StepSchedule
+
+EXIT_NONFINITE, EXIT_USAGE, EXIT_EARLY_STOP = 1, 2, 3
+LAST, BEST = "last.pt", "best.pt"
+_NO_STEP = 2**62  # "no bad step yet" in the device-side min-reduction
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str, d: Dist):
+        self.cfg, self.run_dir, self.d = cfg, run_dir, d
+        self.dev = d.device
+        tc = cfg.train
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        torch.use_deterministic_algorithms(tc.deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = not tc.deterministic
+        torch.backends.cudnn.deterministic = tc.deterministic
+        if self.dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = not tc.deterministic
+            torch.backends.cudnn.allow_tf32 = not tc.deterministic
+        if cfg.data.backend == "dali-gpu" and self.dev.type != "cuda":
+            cfg.data.backend = "dali-cpu"  # same command everywhere: decode on the CPU without a GPU
+            self.note("no GPU here: data.backend dali-gpu -> dali-cpu")
+
+        # The checkpoint to resume from, if this RUN has one (every rank reads it: RUN is shared storage).
+        path = os.path.join(run_dir, LAST)
+        seen = all_gather_object(os.path.exists(path), d)
+        if len(set(seen)) > 1:
+            raise checkpoint.CheckpointError(f"{path} exists on some nodes only ({seen}); RUN must be on storage "
+                                             "that every node sees")
+        self.ckpt = checkpoint.load(path) if seen[0] else None
+        ck = self.ckpt
+        if ck:
+            self._check_resumable(ck, path)
+
+        # Data. The loader position is per rank; a different world size can only start a fresh epoch.
+        state = None
+        if ck and ck["world_size"] == d.world_size:
+            state = ck["loader_states"][d.rank]
+        class_map = ck["category_ids"] if ck else None
+        self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
+                                                   state=state, class_map=class_map)
+        self.category_ids = list(self.train_loader.category_ids)
+        self.num_classes = self.train_loader.num_classes
+        if ck:
+            checkpoint.check_classes(ck, path, self.category_ids)
+        try:
+            self.val_loader, _ = build_loader(cfg.data, d.rank, d.world_size, "val", device=self.dev,
+                                              class_map=self.category_ids)
+        except DatasetError as e:
+            self.val_loader = None
+            self.note(f"no validation: {e}")
+
+        # Model: the same initial weights on every rank (DDP broadcasts rank 0's anyway).
+        torch.manual_seed(tc.seed)
+        mc = cfg.model
+        raw = create_model(mc.name, self.num_classes, head=mc.head, pretrained=mc.pretrained)
+        if ck:
+            checkpoint.check_model(ck, path, mc.name, mc.head, raw)
+            raw.load_state_dict(ck["model"])
+        elif tc.init_from:
+            self._init_from(raw, tc.init_from)
+        if mc.sync_bn and d.enabled:
+            raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+        raw.to(self.dev)
+        if mc.channels_last:
+            raw.to(memory_format=torch.channels_last)
+        self.raw = raw
+
+        oc = cfg.optim
+        groups = param_groups(raw)
+        opt_groups = [{"params": groups[name], "lr_mult": mult, "name": name}
+                      for name, mult in (("pretrained", oc.pretrained_lr_mult), ("new", oc.new_lr_mult))
+                      if groups[name]]
+        self.params = [p for g in opt_groups for p in g["params"]]
+        self.opt = torch.optim.Adam(opt_groups, lr=oc.lr_schedule[0][1], betas=tuple(oc.betas), eps=oc.eps,
+                                    weight_decay=oc.weight_decay, fused=oc.fused or None)
+        self.fp16 = tc.amp == "fp16"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
+        self.scaler = torch.amp.GradScaler(self.dev.type, enabled=self.fp16)
+        self.schedule = StepSchedule(oc.lr_schedule, self.spe, oc.warmup_epochs, oc.warmup_start)
+        self.total = self.schedule.total_steps(tc.epochs)
+        if tc.max_steps:
+            self.total = min(self.total, tc.max_steps)
+        self.step = 0
+        self.best = {"metric": -1.0, "step": -1}
+        if ck:
+            self.opt.load_state_dict(ck["optimizer"])
+            self.scaler.load_state_dict(ck["scaler"])
+            self.step, self.best = int(ck["step"]), dict(ck["best"])
+
+        model = DDP(raw, device_ids=[self.dev.index] if self.dev.type == "cuda" else None) if d.enabled else raw
+        self.model = torch.compile(model) if mc.compile else model
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing)
+
+        # Every rank's own RNG streams: restored last, after everything above drew from them.
+        random.seed(tc.seed + d.rank)
+        np.random.seed(tc.seed + d.rank)
+        torch.manual_seed(tc.seed + d.rank)
+        if ck:
+            checkpoint.set_rng_state(ck["rng"][d.rank], self.dev)
+        self.log = RunLog(run_dir, d.is_main, tc.tensorboard, resume_step=self.step if ck else None)
+        self._reset_interval()
+
+    # ---- setup helpers ------------------------------------------------------------------------------
+    def note(self, msg: str) -> None:
+        if self.d.is_main:
+            print(f"note: {msg}", flush=True)
+
+    def _check_resumable(self, ck: dict, path: str) -> None:
+        old = ck["config"]
+        try:
+            old_data = from_dict({"data": old["data"]}, f"{path} config").data
+        except (ConfigError, KeyError) as e:
+            raise checkpoint.CheckpointError(f"{path}: its config cannot be read by this version ({e})") from None
+        mid_epoch = ck["step"] % ck["steps_per_epoch"] != 0
+        if mid_epoch and old_data.pipeline_signature() != self.cfg.data.pipeline_signature():
+            raise checkpoint.CheckpointError(
+                f"{path} stopped mid-epoch with data settings {old_data.pipeline_signature()}, this run has "
+                f"{self.cfg.data.pipeline_signature()}: the reader position does not carry over; use the settings "
+                "the run started with")
+        if ck["world_size"] != self.d.world_size:
+            if mid_epoch:
+                raise checkpoint.CheckpointError(
+                    f"{path} stopped mid-epoch with {ck['world_size']} processes, this run has {self.d.world_size}: "
+                    f"each process's reader position is saved; run with --nproc {ck['world_size']}, or resume "
+                    "from an epoch-end checkpoint")
+            self.note(f"{ck['world_size']} processes before, {self.d.world_size} now: the next epoch is shuffled anew")
+        for change in _config_changes(old, to_dict(self.cfg)):
+            self.note(f"config differs from {path}: {change}")
+
+    def _init_from(self, raw: torch.nn.Module, path: str) -> None:
+        src = checkpoint.load(path)
+        checkpoint.check_classes(src, path, self.category_ids)
+        checkpoint.check_model(src, path, self.cfg.model.name, self.cfg.model.head, raw)
+        raw.load_state_dict(src["model"])
+        self.note(f"init_from {path}: model weights of step {src['step']} (its best product acc "
+                  f"{src['best']['metric']:.4f})")
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def prepare(self, images: torch.Tensor, labels: torch.Tensor):
+        images = images.to(self.dev, non_blocking=True)
+        if self.cfg.data.channels_last:  # NHWC from the loader: a free view as NCHW in channels_last
+            images = images.permute(0, 3, 1, 2)
+        if self.cfg.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.dev, non_blocking=True).view(-1).long()
+
+    def _reset_interval(self) -> None:
+        z = torch.zeros((), device=self.dev)
+        self.acc_loss, self.acc_correct, self.acc_skipped = z.clone(), z.clone(), z.clone()
+        self.bad_step = torch.full((), _NO_STEP, dtype=torch.long, device=self.dev)
+        self.dev_step = torch.full((), self.step, dtype=torch.long, device=self.dev)
+        self.int_steps, self.int_wait, self.int_start = 0, 0.0, time.perf_counter()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        with self.autocast():
+            logits = self.model(images)
+            loss = self.criterion(logits, labels)
+        self.scaler.scale(loss).backward()
+        clip = self.cfg.optim.grad_clip
+        if clip or self.fp16:
+            self.scaler.unscale_(self.opt)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = (torch.nn.utils.clip_grad_norm_(self.params, clip) if clip
+                    else torch.nn.utils.get_total_norm(grads))
+            if self.fp16:  # the scaler skips this step: count it (no host sync)
+                self.acc_skipped += ~torch.isfinite(norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        # Statistics stay on the device; they are read at the log interval only.
+        loss = loss.detach().float()
+        self.dev_step += 1
+        self.acc_loss += loss
+        self.acc_correct += (logits.detach().argmax(1) == labels).sum()
+        if not self.fp16:
+            self.bad_step = torch.where(torch.isfinite(loss), self.bad_step, torch.minimum(self.bad_step, self.dev_step))
+
+    # ---- logging, validation, checkpoints -------------------------------------------------------------
+    def flush(self) -> None:
+        """End a log interval: the one host sync of the loop; stops the run on a non-finite loss."""
+        n = self.int_steps
+        if n == 0:
+            return
+        bad_step = int(all_reduce(self.bad_step.clone(), self.d, "min"))
+        sums = all_reduce(torch.stack([self.acc_loss, self.acc_correct, self.acc_skipped]), self.d)
+        loss_sum, correct, skipped = sums.tolist()
+        elapsed = time.perf_counter() - self.int_start
+        if bad_step != _NO_STEP:
+            raise NonFiniteLoss(f"the loss is not finite at step {bad_step} (epoch {bad_step / self.spe:.2f}); the run "
+                                f"stops. {LAST} is from before it. Try a lower lr (optim.lr_schedule), "
+                                "optim.grad_clip, or train.amp=fp16/off")
+        if self.fp16 and skipped >= n * self.d.world_size:
+            raise NonFiniteLoss(f"fp16: all {n} steps up to step {self.step} had non-finite gradients and were "
+                                "skipped; the run stops. Try train.amp=bf16 or a lower lr")
+        w, bs = self.d.world_size, self.cfg.data.batch_size
+        rec = {"epoch": round(self.step / self.spe, 4), "loss": loss_sum / (n * w), "acc": correct / (n * w * bs),
+               "lr": self.schedule.lr_at(self.step - 1), "images_per_s": n * w * bs / elapsed,
+               "data_wait": self.int_wait / elapsed}
+        if self.fp16:
+            rec["skipped"] = int(skipped / w)
+        self.log.record("train", self.step, **rec)
+        epoch, in_epoch = (self.step - 1) // self.spe + 1, (self.step - 1) % self.spe + 1
+        eta = (self.total - self.step) * elapsed / n
+        extra = f" skipped {rec['skipped']}" if self.fp16 and rec["skipped"] else ""
+        self.log.print(progress_line(epoch, self.cfg.train.epochs, in_epoch, self.spe, rec["loss"], rec["acc"],
+                                     rec["lr"], rec["images_per_s"], rec["data_wait"], eta, memory_text(self.dev),
+                                     extra))
+        self._reset_interval()
+
+    def validate(self) -> Optional[Dict[str, float]]:
+        if self.val_loader is None:
+            return None
+        t = time.perf_counter()
+        m = evaluate(self.raw, self.val_loader, self.d, self.num_classes, self.autocast, self.prepare)
+        m["epoch"] = round(self.step / self.spe, 4)
+        m["seconds"] = round(time.perf_counter() - t, 2)
+        self.log.record("val", self.step, **m)
+        self.log.print(f"val step {self.step}: " + summary(m))
+        return m
+
+    def save(self, status: str, new_best: bool = False) -> None:
+        """RUN/last.pt (and best.pt): gathered from every rank, written by rank 0."""
+        parts = all_gather_object({"loader": self.train_loader.state(), "rng": checkpoint.rng_state(self.dev)},
+                                  self.d)
+        if self.d.is_main:
+            ckpt = {
+                "format": checkpoint.FORMAT, "status": status, "step": self.step, "steps_per_epoch": self.spe,
+                "world_size": self.d.world_size, "model": self.raw.state_dict(), "model_name": self.cfg.model.name,
+                "num_classes": self.num_classes, "category_ids": self.category_ids,
+                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                "config": to_dict(self.cfg), "best": dict(self.best),
+                "loader_states": [p["loader"] for p in parts], "rng": [p["rng"] for p in parts],
+            }
+            last = os.path.join(self.run_dir, LAST)
+            checkpoint.save(ckpt, last)
+            if new_best:
+                checkpoint.copy(last, os.path.join(self.run_dir, BEST))
+
+    def _early_stop(self, m: Dict[str, float]) -> Optional[str]:
+        es = self.cfg.early_stop
+        pos = self.step / self.spe
+        if es.after_epoch is None or pos < es.after_epoch or m[es.metric] >= es.min_val_acc:
+            return None
+        return (f"early stop: val {es.metric} {m[es.metric]:.4f} < {es.min_val_acc} at epoch {pos:.2f} "
+                f"(rule early_stop.after_epoch={es.after_epoch:g}, min_val_acc={es.min_val_acc}); this run is not "
+                "going anywhere. To go on anyway, run again with early_stop.after_epoch=null")
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg, d = self.cfg, self.d
+        ck = self.ckpt
+        if ck and ck["status"] == "early_stopped" and cfg.early_stop.after_epoch is not None:
+            self.log.print(f"{self.run_dir} was stopped early at step {ck['step']} by the early_stop rule; to go on "
+                           "anyway, run again with early_stop.after_epoch=null")
+            return EXIT_EARLY_STOP
+        if self.step >= self.total:
+            self.log.print(f"{self.run_dir} is already done: step {self.step} of {self.total}; nothing to do "
+                           "(raise train.epochs to train longer)")
+            return 0
+        what = f"resuming at step {self.step}" if ck else "new run"
+        self.log.print(
+            f"{what}: {cfg.model.name} ({self.num_classes} classes) in {self.run_dir}; {d.world_size} process(es) on "
+            f"{self.dev.type} ({cfg.data.backend}), batch {cfg.data.batch_size}x{d.world_size}, {self.spe} steps/epoch, "
+            f"{self.total} steps ({self.total / self.spe:g} epochs), amp {cfg.train.amp}")
+        tc = cfg.train
+        lr = None
+        stop_msg = None
+        while self.step < self.total and stop_msg is None:
+            it = iter(self.train_loader)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    images, labels = next(it)
+                except StopIteration:
+                    break
+                self.int_wait += time.perf_counter() - t0
+                new_lr = self.schedule.lr_at(self.step)
+                if new_lr != lr:
+                    lr = new_lr
+                    for g in self.opt.param_groups:
+                        g["lr"] = lr * g["lr_mult"]
+                self.train_step(*self.prepare(images, labels))
+                self.step += 1
+                self.int_steps += 1
+
+                epoch_end, done = self.step % self.spe == 0, self.step >= self.total
+                do_val = epoch_end or done or (tc.val_every_steps and self.step % tc.val_every_steps == 0)
+                do_save = do_val or (tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0)
+                if do_save or self.step % tc.log_every == 0:
+                    self.flush()
+                if do_val:
+                    m = self.validate()
+                    new_best = m is not None and m["product_acc"] > self.best["metric"]
+                    if new_best:
+                        self.best = {"metric": m["product_acc"], "step": self.step}
+                    stop_msg = self._early_stop(m) if m else None
+                    status = "early_stopped" if stop_msg else "finished" if done else "running"
+                    self.save(status, new_best or (m is None and done))
+                elif do_save:
+                    self.save("running")
+                if do_save:
+                    self._reset_interval()
+                if epoch_end or done or stop_msg:
+                    break
+            if self.step % self.spe and self.step < self.total and stop_msg is None:
+                raise RuntimeError(f"the train loader ended after step {self.step}, before the end of its epoch "
+                                   f"({self.spe} steps); a loader bug")
+        if d.is_main:
+            plot_curves(self.run_dir)
+        if stop_msg:
+            self.log.print(stop_msg)
+            return EXIT_EARLY_STOP
+        best = self.best
+        self.log.print(f"done: {self.step} steps; best val product acc {best['metric']:.4f} at step {best['step']}; "
+                       f"{os.path.join(self.run_dir, LAST)}, {os.path.join(self.run_dir, BEST)}")
+        return 0
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="recipe: a name in train/configs/ (resnet50, demo, ...) or a path")
+    p.add_argument("--data", help="repacked DATA directory (sets data.path)")
+    p.add_argument("--out", help="run directory RUN (default: runs/RECIPE); an existing RUN/last.pt is resumed")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=2 data.batch_size=32")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    d = None
+    trainer = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.data:
+            cfg.data.path = args.data
+        if cfg.train.deterministic:  # cuBLAS reads this when CUDA starts
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        run_dir = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+        d = setup()
+        if d.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+            stale = checkpoint.remove_stale_temps(run_dir)
+            if stale:
+                print(f"note: removed {len(stale)} unfinished checkpoint write(s): {', '.join(stale)}", flush=True)
+            _write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
+        barrier(d)
+        trainer = Trainer(cfg, run_dir, d)
+        return trainer.fit()
+    except (ConfigError, DatasetError, checkpoint.CheckpointError) as e:
+        if d is None or d.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except NonFiniteLoss as e:
+        if d.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    finally:
+        if trainer is not None:
+            trainer.close()
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
