@@ -10,6 +10,10 @@ images are rendered from drawn parameters by a pure function and encoded by PIL 
 so the same arguments give byte-identical files (whatever ``workers`` is). The category taxonomy
 (ids, names, looks) does not depend on ``seed`` and is prefix-stable: category ``i`` has the same id,
 names and style for any ``categories >= i + 1``, so sets made with different seeds share classes.
+There are 1,620 distinct looks; with more categories the looks repeat (names and ids stay unique).
+
+Speed: about 2,000 images/s on one core (PIL drawing + palette expansion + PIL JPEG encode);
+``workers > 1`` renders chunks in a process pool.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw

@@ -1,0 +1,80 @@
+"""Predict a test set: test.bson (or an unlabelled repack) + checkpoints -> submission.csv.
+
+    python -m tools.predict --bson test.bson --checkpoint RUN/best.pt [--checkpoint OTHER.pt:0.5 ...]
+        [--tta none|flip] [--tiled 2=RUN_K2/best.pt ...] [--batch B] [--backend dali-gpu|dali-cpu]
+        --out submission.csv [--probs probs.npy] [--topk 5] [--labels test_answers.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dali_pipes.dataset import DatasetError
+from dali_pipes.repack import RepackError
+
+
+def _tiled(spec: str):
+    k, sep, path = spec.partition("=")
+    if not sep or k not in ("2", "3", "4"):
+        raise argparse.ArgumentTypeError(f"--tiled takes K=CHECKPOINT with K in 2, 3, 4, not {spec!r}")
+    return int(k), path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bson", help="test.bson (streamed through an unlabelled repack into --workdir)")
+    src.add_argument("--data", help="an unlabelled repack (tools.repack --unlabelled)")
+    ap.add_argument("--checkpoint", action="append", required=True,
+                    help="RUN/best.pt, optionally PATH:WEIGHT; repeat for an ensemble")
+    ap.add_argument("--tta", choices=["none", "flip"], default="none")
+    ap.add_argument("--tiled", type=_tiled, action="append", default=[],
+                    help="K=CHECKPOINT: a tiled-product model for products with K images")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None,
+                    help="default: dali-gpu when CUDA is available, else dali-cpu")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DALI CPU threads")
+    ap.add_argument("--out", required=True, help="submission CSV (_id,category_id)")
+    ap.add_argument("--probs", help="also write the product probabilities (float16 .npy, rows as --out)")
+    ap.add_argument("--topk", type=int, default=1, help="also write OUT.topK.csv with the K best classes")
+    ap.add_argument("--fallback", type=int, help="category id for products without a readable image "
+                                                 "(default: the class predicted most often)")
+    ap.add_argument("--labels", help="_id,category_id answers: print the product-level accuracy")
+    ap.add_argument("--workdir", help="where --bson is repacked (default: the system temp dir)")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from dali_pipes.config import resolve_backend
+    from train.predict import PredictError, cleanup, load_ensemble, predict, repack_for_predict
+
+    backend = a.backend or ("dali-gpu" if torch.cuda.is_available() else "dali-cpu")
+    tmp = None
+    try:
+        resolve_backend(backend)
+        members = load_ensemble(a.checkpoint, torch.device("cuda" if backend == "dali-gpu" else "cpu"))
+        data = a.data
+        if a.bson:
+            data, tmp = repack_for_predict(a.bson, a.workdir, workers=a.threads)
+        s = predict(data, members, a.out, tta=a.tta, tiled=dict(a.tiled), batch=a.batch, backend=backend,
+                    threads=a.threads, probs_path=a.probs, topk=a.topk, fallback=a.fallback,
+                    labels_csv=a.labels, progress=not a.quiet)
+    except (PredictError, RepackError, DatasetError, RuntimeError) as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup(tmp)
+    print(f"wrote {s['submission']}: {s['products']:,} products ({s['predicted']:,} predicted from images, "
+          f"{s['fallback']:,} without a readable image -> fallback, listed in {s['report']}) "
+          f"in {s['seconds']:.1f}s")
+    if s["no_id"]:
+        print(f"  {s['no_id']} documents had no _id and get no row; see {s['report']}")
+    if "accuracy" in s:
+        print(f"  product-level accuracy against {a.labels}: {s['accuracy']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
