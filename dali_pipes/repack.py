@@ -6,9 +6,12 @@ shards or in ``quarantine.csv``; the manifest, written last and atomically, hold
 """
 from __future__ import annotations
 
+import bisect
 import csv
+import functools
 import io
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -23,7 +26,7 @@ import numpy as np
 
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
 from .jpeg_check import CHECKS
-from .records import IMAGE_FEATURES, MAX_K, ShardWriter, product_features
+from .records import IMAGE_FEATURES, MAX_K, ShardWriter, int_feature, product_features
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -117,6 +120,8 @@ class ChunkResult:
 
 
 _progress = None  # shared counters (products, bytes) set by the pool initializer
+_PROGRESS_EVERY = 256  # products between updates of the shared counters
+_READ_BLOCK = 4 << 20  # BSON bytes read at a time into one reused buffer
 
 
 def _init_worker(progress) -> None:
@@ -124,121 +129,225 @@ def _init_worker(progress) -> None:
     _progress = progress
 
 
-def _process_chunk(args) -> ChunkResult:
-    st, chunk, offsets, lengths, dup_of = args
-    res = ChunkResult(chunk)
-    writers: Dict[str, ShardWriter] = {}
-    check = CHECKS[st.verify]
-    splits = ("train", "val") if st.labelled else ("test",)
-
-    def writer(group: str, split: str, schema) -> ShardWriter:
-        w = writers.get(group)
-        if w is None:
-            d = os.path.join(st.out, group)
-            os.makedirs(d, exist_ok=True)
-            w = writers[group] = ShardWriter(os.path.join(d, f"{split}-{chunk:05d}.tfrecord"), schema)
-        return w
-
-    def quarantine(pid, offset, image_index, reason, images=0):
-        res.quarantine.append([pid, offset, image_index, reason])
-        if image_index == "":
-            res.counts["products_quarantined"] += 1
-            res.counts["images_quarantined"] += images
-
-    done_bytes = done_products = 0
-    try:
-        with open(st.bson_path, "rb") as f:
-            f.seek(int(offsets[0]))
-            data = memoryview(f.read(int(offsets[-1] + lengths[-1] - offsets[0])))
-        base = int(offsets[0])
-        for off, n, dup in zip(offsets.tolist(), lengths.tolist(), dup_of.tolist()):
-            res.counts["products_read"] += 1
-            done_bytes += n
-            done_products += 1
-            if _progress is not None and done_products % 256 == 0:
-                with _progress.get_lock():
-                    _progress[0] += done_products
-                    _progress[1] += done_bytes
-                done_products = done_bytes = 0
-            if n > st.max_doc_bytes:
-                quarantine("", off, "", f"document of {n} bytes exceeds the {st.max_doc_bytes}-byte limit")
-                continue
-            try:
-                doc = bson.decode(data[off - base:off - base + n])
-            except Exception as e:  # noqa: BLE001 - any decode failure quarantines just this document
-                quarantine("", off, "", f"BSON document does not decode ({type(e).__name__}: {e})")
-                continue
-            pid = doc.get("_id")
-            imgs = doc.get("imgs")
-            n_imgs = len(imgs) if isinstance(imgs, list) else 0
-            res.counts["images_read"] += n_imgs
-            if isinstance(pid, bool) or not isinstance(pid, int):
-                quarantine("", off, "", f"_id {pid!r} is missing or not an integer", n_imgs)
-                continue
-            if dup >= 0:
-                quarantine(pid, off, "", f"duplicate _id (first seen at offset {dup}; that one is kept)", n_imgs)
-                continue
-            label = -1
-            if st.labelled:
-                cat = doc.get("category_id")
-                if cat is None:
-                    quarantine(pid, off, "", "no category_id in a labelled run "
-                               "(repack unlabelled files such as test.bson with --unlabelled)", n_imgs)
-                    continue
-                label = st.class_index.get(cat, -1) if isinstance(cat, int) else -1
-                if label < 0:
-                    quarantine(pid, off, "", f"category_id {cat!r} is not in category_names.csv", n_imgs)
-                    continue
-            if n_imgs == 0:
-                quarantine(pid, off, "", "product has no images")
-                continue
-            good: List[Tuple[int, bytes]] = []
-            for j, img in enumerate(imgs):
-                pic = img.get("picture") if isinstance(img, dict) else None
-                if not isinstance(pic, (bytes, bytearray)):
-                    reason = "image entry has no 'picture' bytes"
-                elif len(pic) > st.max_image_bytes:
-                    reason = f"image of {len(pic)} bytes exceeds the {st.max_image_bytes}-byte limit"
-                else:
-                    reason = check(pic)
-                if reason:
-                    res.quarantine.append([pid, off, j, reason])
-                    res.counts["images_quarantined"] += 1
-                else:
-                    good.append((j, bytes(pic)))
-            if not good:
-                quarantine(pid, off, "", "no readable image (see the image rows)")
-                continue
-            split = splits[0] if not st.labelled or not is_val(pid, st.val_fraction) else "val"
-            k = len(good)
-            w = writer(split, split, IMAGE_FEATURES)
-            for j, pic in good:
-                w.write({"image": pic, "label": label, "product_id": pid, "image_index": j, "num_images": k})
-            kk = min(k, MAX_K)
-            pvals = {f"image_{i}": pic for i, (_, pic) in enumerate(good[:kk])}
-            pvals.update(label=label, product_id=pid)
-            writer(f"products/k{kk}/{split}", split, product_features(kk)).write(pvals)
-            res.counts["products_written"] += 1
-            res.counts["images_written"] += k
-            res.counts[f"{split}_products"] += 1
-            res.counts[f"{split}_images"] += k
-            res.counts[f"k{kk}_{split}"] += 1
-            if not st.labelled:
-                res.order.append((pid, off, k))
-        for group, w in sorted(writers.items()):
-            info = w.close()
-            info["path"] = os.path.relpath(w.path, st.out)
-            info["index"] = os.path.relpath(w.idx_path, st.out)
-            res.shards.setdefault(group, []).append(info)
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
+def _report_progress(products: int, nbytes: int) -> None:
     if _progress is not None:
         with _progress.get_lock():
-            _progress[0] += done_products
-            _progress[1] += done_bytes
+            _progress[0] += products
+            _progress[1] += nbytes
+
+
+def _val_flags(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """``is_val`` of every id at once: the same splitmix64 in wrapping uint64 arithmetic."""
+    z = ids.astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    # is_val compares the integer z with the float fraction * 2**64 exactly, i.e. z < ceil(that float).
+    return z < np.uint64(math.ceil(fraction * 18446744073709551616.0))
+
+
+def _documents(path: str, offsets: List[int], lengths: List[int], max_doc_bytes: int):
+    """Yield each document's bytes (a memoryview), or None for one over ``max_doc_bytes`` (not needed).
+
+    Reads blocks of about 4 MB into one reused buffer: reading a whole chunk into fresh memory costs more
+    in page faults than the copy from the page cache itself."""
+    ends = [o + n for o, n in zip(offsets, lengths)]
+    buf = memoryview(bytearray(_READ_BLOCK))
+    with open(path, "rb", buffering=0) as f:
+        i = 0
+        while i < len(offsets):
+            if lengths[i] > max_doc_bytes:
+                yield None
+                i += 1
+                continue
+            if lengths[i] > len(buf):  # one large (but allowed) document: a buffer of its own
+                buf = memoryview(bytearray(lengths[i]))
+            start = offsets[i]
+            j = bisect.bisect_right(ends, start + len(buf), i)  # documents i..j-1 fit the buffer
+            block = buf[:_read_into(f, start, buf[:ends[j - 1] - start])]  # short if the file shrank
+            for k in range(i, j):
+                o = offsets[k] - start
+                yield None if lengths[k] > max_doc_bytes else block[o:o + lengths[k]]
+            i = j
+
+
+def _read_into(f, offset: int, view: memoryview) -> int:
+    f.seek(offset)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+@functools.lru_cache(maxsize=1024)
+def _position_ints(j: int, k: int) -> bytes:
+    """The encoded ``image_index`` and ``num_images`` features of an image record."""
+    return int_feature("image_index", j) + int_feature("num_images", k)
+
+
+# write_fields takes the encoded int features in schema order; the writing code below assumes this order.
+if ([n for n, kind in IMAGE_FEATURES.items() if kind == "int64"] != ["label", "product_id", "image_index",
+                                                                      "num_images"]
+        or [n for n, kind in product_features(1).items() if kind == "int64"] != ["label", "product_id"]):
+    raise ImportError("dali_pipes.repack writes the int features in a fixed order; update it with the schema")
+
+
+class _ChunkWriters:
+    """The shard writers of one chunk, each opened on first use, keyed by group ("train", "products/k2/val")."""
+
+    def __init__(self, out: str, chunk: int):
+        self.out, self.chunk = out, chunk
+        self.by_group: Dict[str, ShardWriter] = {}
+        self._images: Dict[str, ShardWriter] = {}
+        self._products: Dict[Tuple[int, str], ShardWriter] = {}
+
+    def images(self, split: str) -> ShardWriter:
+        w = self._images.get(split)
+        if w is None:
+            w = self._images[split] = self._open(split, split, IMAGE_FEATURES)
+        return w
+
+    def products(self, k: int, split: str) -> ShardWriter:
+        w = self._products.get((k, split))
+        if w is None:
+            w = self._products[k, split] = self._open(f"products/k{k}/{split}", split, product_features(k))
+        return w
+
+    def _open(self, group: str, split: str, schema) -> ShardWriter:
+        d = os.path.join(self.out, group)
+        os.makedirs(d, exist_ok=True)
+        w = self.by_group[group] = ShardWriter(os.path.join(d, f"{split}-{self.chunk:05d}.tfrecord"), schema)
+        return w
+
+    def close(self, res: ChunkResult) -> None:
+        for group, w in sorted(self.by_group.items()):
+            info = w.close()
+            info["path"] = os.path.relpath(w.path, self.out)
+            info["index"] = os.path.relpath(w.idx_path, self.out)
+            res.shards.setdefault(group, []).append(info)
+
+    def abort(self) -> None:
+        for w in self.by_group.values():
+            w.abort()
+
+
+def _quarantine(res: ChunkResult, pid, offset, image_index, reason, images=0) -> None:
+    res.quarantine.append([pid, offset, image_index, reason])
+    if image_index == "":
+        res.counts["products_quarantined"] += 1
+        res.counts["images_quarantined"] += images
+
+
+def _read_product(st: Settings, check, res: ChunkResult, off: int, n: int, dup: int, data):
+    """``(id, label, [(image index, JPEG bytes), ...])`` of a usable product; else None, with the product and
+    its bad images in ``res``'s quarantine."""
+    if data is None:
+        _quarantine(res, "", off, "", f"document of {n} bytes exceeds the {st.max_doc_bytes}-byte limit")
+        return None
+    try:
+        doc = bson.decode(data)
+    except Exception as e:  # noqa: BLE001 - any decode failure quarantines just this document
+        _quarantine(res, "", off, "", f"BSON document does not decode ({type(e).__name__}: {e})")
+        return None
+    pid = doc.get("_id")
+    imgs = doc.get("imgs")
+    n_imgs = len(imgs) if isinstance(imgs, list) else 0
+    res.counts["images_read"] += n_imgs
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        _quarantine(res, "", off, "", f"_id {pid!r} is missing or not an integer", n_imgs)
+        return None
+    if dup >= 0:
+        _quarantine(res, pid, off, "", f"duplicate _id (first seen at offset {dup}; that one is kept)", n_imgs)
+        return None
+    label = -1
+    if st.labelled:
+        cat = doc.get("category_id")
+        if cat is None:
+            _quarantine(res, pid, off, "", "no category_id in a labelled run "
+                        "(repack unlabelled files such as test.bson with --unlabelled)", n_imgs)
+            return None
+        label = st.class_index.get(cat, -1) if isinstance(cat, int) else -1
+        if label < 0:
+            _quarantine(res, pid, off, "", f"category_id {cat!r} is not in category_names.csv", n_imgs)
+            return None
+    if n_imgs == 0:
+        _quarantine(res, pid, off, "", "product has no images")
+        return None
+    good: List[Tuple[int, bytes]] = []
+    for j, img in enumerate(imgs):
+        pic = img.get("picture") if isinstance(img, dict) else None
+        if not isinstance(pic, (bytes, bytearray)):
+            reason = "image entry has no 'picture' bytes"
+        elif len(pic) > st.max_image_bytes:
+            reason = f"image of {len(pic)} bytes exceeds the {st.max_image_bytes}-byte limit"
+        else:
+            reason = check(pic)
+        if reason:
+            res.quarantine.append([pid, off, j, reason])
+            res.counts["images_quarantined"] += 1
+        else:
+            good.append((j, pic if type(pic) is bytes else bytes(pic)))
+    if not good:
+        _quarantine(res, pid, off, "", "no readable image (see the image rows)")
+        return None
+    return pid, label, good
+
+
+def _process_chunk(args) -> ChunkResult:
+    st, chunk, offsets, lengths, ids, dup_of = args
+    res = ChunkResult(chunk)
+    writers = _ChunkWriters(st.out, chunk)
+    check = CHECKS[st.verify]
+    val = _val_flags(ids, st.val_fraction).tolist() if st.labelled else None
+    offsets, lengths, ids = offsets.tolist(), lengths.tolist(), ids.tolist()
+    products: Counter = Counter()  # written products per (split, K)
+    images: Counter = Counter()  # written images per split
+    reported = 0  # documents counted in the progress report
+    try:
+        docs = _documents(st.bson_path, offsets, lengths, st.max_doc_bytes)
+        for i, (off, n, dup, data) in enumerate(zip(offsets, lengths, dup_of.tolist(), docs)):
+            if i - reported == _PROGRESS_EVERY:
+                _report_progress(i - reported, sum(lengths[reported:i]))
+                reported = i
+            got = _read_product(st, check, res, off, n, dup, data)
+            if got is None:
+                continue
+            pid, label, good = got
+            if val is None:
+                split = "test"
+                res.order.append((pid, off, len(good)))
+            else:  # the id of the scan is the decoded one unless _id is not the document's first field
+                split = "val" if (val[i] if ids[i] == pid else is_val(pid, st.val_fraction)) else "train"
+            k = len(good)
+            ints = int_feature("label", label) + int_feature("product_id", pid)
+            w = writers.images(split)
+            for j, pic in good:
+                w.write_fields((pic,), ints + _position_ints(j, k))
+            kk = min(k, MAX_K)
+            writers.products(kk, split).write_fields([pic for _, pic in good[:kk]], ints)
+            products[split, kk] += 1
+            images[split] += k
+        writers.close(res)
+    except BaseException:
+        writers.abort()
+        raise
+    _report_progress(len(offsets) - reported, sum(lengths[reported:]))
+    _count_written(res.counts, products, images, len(offsets))
     return res
+
+
+def _count_written(counts: Counter, products: Counter, images: Counter, read: int) -> None:
+    counts["products_read"] += read
+    for (split, k), n in products.items():
+        counts["products_written"] += n
+        counts[f"{split}_products"] += n
+        counts[f"k{k}_{split}"] += n
+    for split, n in images.items():
+        counts["images_written"] += n
+        counts[f"{split}_images"] += n
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -309,18 +418,16 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
     # Duplicate ids, decided up front from the scan so that the first occurrence is the one kept.
     dup_of = np.full(len(index), -1, np.int64)
     known = np.flatnonzero(index.ids != OffsetIndex.MISSING_ID)
-    first: Dict[int, int] = {}
-    for i in known.tolist():
-        pid = int(index.ids[i])
-        if pid in first:
-            dup_of[i] = int(index.offsets[first[pid]])
-        else:
-            first[pid] = i
+    _, first, which = np.unique(index.ids[known], return_index=True, return_inverse=True)
+    first_of = known[first[which]]  # for each known id, where its first occurrence is
+    dup = first_of != known
+    dup_of[known[dup]] = index.offsets[first_of[dup]]
 
     st = Settings(bson_path, out, not unlabelled, class_index, val_fraction, verify, max_doc_bytes,
                   max_image_bytes)
     ranges = index.ranges(int(shard_size_mb * (1 << 20)))
-    tasks = [(st, c, index.offsets[a:b], index.lengths[a:b], dup_of[a:b]) for c, (a, b) in enumerate(ranges)]
+    tasks = [(st, c, index.offsets[a:b], index.lengths[a:b], index.ids[a:b], dup_of[a:b])
+             for c, (a, b) in enumerate(ranges)]
     workers = max(1, min(workers, len(tasks) or 1))
     ctx = mp.get_context("fork")
     counters = ctx.Array("q", 2)

@@ -49,14 +49,15 @@ def timm_trunk(name: str, **kw) -> Trunk:
     return split_timm(model, name)
 
 
+TINY_ARGS = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=16,
+                 stem_type="deep_tiered", avg_down=True)
+
+
 def tiny_trunk(**kw) -> Trunk:
     """Half-width resnet10t, built with timm's ResNet class: ~0.28 GFLOP per 160x160 image (resnet10t: 1.1),
     so the CPU demo trains in minutes."""
-    model = ResNet(BasicBlock, (1, 1, 1, 1), num_classes=0, global_pool="", channels=(32, 64, 128, 256),
-                   stem_width=16, stem_type="deep_tiered", avg_down=True, **kw)
-    trunk = split_timm(model, "tiny")
-    trunk.cfg = {"input_size": (3, 160, 160), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-    return trunk
+    model = ResNet(num_classes=0, global_pool="", **TINY_ARGS, **kw)
+    return split_timm(model, "tiny")  # no ImageNet weights exist for it: trained from scratch
 
 
 def widen_last_conv(trunk: Trunk, name: str, channels: int) -> Trunk:

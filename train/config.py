@@ -11,7 +11,7 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -153,6 +153,8 @@ def _convert(value: Any, tp, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            raise ConfigError(f"{key}: expected str, got the YAML boolean {value!r}; quote the word (\"off\")")
     else:
         raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -166,7 +168,8 @@ def _unknown(key: str, known: Sequence[str]) -> ConfigError:
 
 def _fill(obj, values: Dict[str, Any], prefix: str) -> None:
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(values).__name__}")
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__} {values!r}")
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for k, v in values.items():
@@ -210,51 +213,61 @@ def list_recipes() -> List[str]:
     return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
 
 
-def parse_override(text: str) -> tuple:
-    """``section.key=value`` -> (["section", "key"], value); the value is read as YAML (``null``,
-    ``true``, ``[1, 2]``, numbers, strings)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value (e.g. train.epochs=2)")
-    key, raw = text.split("=", 1)
+def parse_override(text: str) -> Tuple[List[str], str]:
+    """``section.key=value`` -> (["section", "key"], "value")."""
+    key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"override {text!r}: the key must be section.key (e.g. optim.warmup_epochs=1)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
-    return parts, value
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: expected section.key=value (e.g. train.epochs=2)")
+    return parts, raw
 
 
-def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
-    """Overrides merged into a (nested) dict of recipe values; checking happens in ``from_dict``."""
-    out = yaml.safe_load(yaml.safe_dump(values or {}))  # deep copy
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = out
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {text!r}: {p} is a value, not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return out
+def apply_override(cfg: Config, text: str) -> None:
+    """Set one ``section.key=value``. The value is read for the field's type: a string field takes the
+    text as it is (``train.amp=off``; ``null`` for none), any other is read as YAML (``true``, ``1e-4``,
+    ``[[0, 1e-3], [2, 1e-4]]``) and then checked like a recipe value."""
+    parts, raw = parse_override(text)
+    obj = cfg
+    for i, p in enumerate(parts[:-1]):
+        sections = [f.name for f in dataclasses.fields(obj) if dataclasses.is_dataclass(getattr(obj, f.name))]
+        if p not in sections:
+            raise _unknown(".".join(parts[:i + 1]), sections)
+        obj = getattr(obj, p)
+    name, key = parts[-1], ".".join(parts)
+    fields = sorted(f.name for f in dataclasses.fields(obj))
+    if name not in fields or dataclasses.is_dataclass(getattr(obj, name)):
+        raise _unknown(key, fields)
+    tp = typing.get_type_hints(type(obj))[name]
+    is_str = tp is str or typing.get_args(tp) == (str, type(None))
+    if is_str:
+        value = None if raw.strip() in ("null", "~", "None") and tp is not str else raw
+    else:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
+    setattr(obj, name, _convert(value, tp, key))
 
 
 def load_config(recipe: str, overrides: Sequence[str] = ()) -> Config:
+    """The recipe's values over the defaults, then the overrides, checked."""
     path = recipe_path(recipe)
     with open(path) as f:
         try:
             values = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, optim:, train:, ...)")
-    where = f"{path} with overrides {' '.join(overrides)}" if overrides else path
-    cfg = from_dict(apply_overrides(values, overrides), where)
+    cfg = from_dict(values, path)
+    for text in overrides:
+        try:
+            apply_override(cfg, text)
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith("override") else f"override {text!r}: {msg}") from None
     try:
         cfg.validate()
     except ValueError as e:
+        where = f"{path} with overrides {' '.join(overrides)}" if overrides else path
         raise ConfigError(f"{where}: {e}") from None
     return cfg
 

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Start a training run: one process per GPU through torchrun, or CPU processes (gloo, dali-cpu) without GPU.
+#
+#   train/run.sh RECIPE [--data DATA] [--out RUN] [--nproc N] [section.key=value ...]
+#
+# RECIPE: a name in train/configs/ (resnet50, demo, ...) or a path to a YAML. RUN defaults to runs/RECIPE;
+# running the same command again with an existing RUN/last.pt resumes where it stopped.
+# --nproc: processes on this node (default: the number of visible GPUs, 1 without GPU).
+# Several nodes (run the same command on each), either static rendezvous:
+#   NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host0 MASTER_PORT=29500 train/run.sh resnet50 ...
+# or c10d rendezvous (elastic, node ranks assigned at start):
+#   NNODES=2 RDZV_ENDPOINT=host0:29500 RDZV_ID=job42 train/run.sh resnet50 ...
+# PYTHON selects the interpreter (default: python).
+set -euo pipefail
+
+usage() {
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    exit "${1:-2}"
+}
+
+[ $# -ge 1 ] || usage
+case "$1" in -h|--help) usage 0 ;; esac
+recipe=$1
+shift
+args=()
+nproc=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --data|--out)
+            [ $# -ge 2 ] || { echo "run.sh: $1 needs a value" >&2; exit 2; }
+            args+=("$1" "$2"); shift 2 ;;
+        --data=*|--out=*) args+=("$1"); shift ;;
+        --nproc) [ $# -ge 2 ] || { echo "run.sh: --nproc needs a value" >&2; exit 2; }
+            nproc=$2; shift 2 ;;
+        --nproc=*) nproc=${1#*=}; shift ;;
+        -h|--help) usage 0 ;;
+        -*) echo "run.sh: unknown option $1 (overrides are written section.key=value)" >&2; exit 2 ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python}
+
+gpus=$("$py" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+if [ -z "$nproc" ]; then
+    nproc=$(( gpus > 0 ? gpus : 1 ))
+fi
+case "$nproc" in ''|*[!0-9]*|0) echo "run.sh: --nproc must be a positive integer, not '$nproc'" >&2; exit 2 ;; esac
+if [ "$gpus" -gt 0 ] && [ "$nproc" -gt "$gpus" ]; then
+    echo "run.sh: --nproc $nproc but only $gpus GPU(s) are visible" >&2
+    exit 2
+fi
+if [ "$gpus" -eq 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+    # CPU processes share the cores; torchrun would give each one thread only
+    cores=$("$py" -c 'import os; print(len(os.sched_getaffinity(0)))')
+    export OMP_NUM_THREADS=$(( cores / nproc > 0 ? cores / nproc : 1 ))
+fi
+
+nnodes=${NNODES:-1}
+if [ "$nnodes" -gt 1 ]; then
+    if [ -n "${RDZV_ENDPOINT:-}" ]; then
+        rdzv=(--nnodes="$nnodes" --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-cdiscount}")
+    else
+        : "${NODE_RANK:?set NODE_RANK (0..NNODES-1) on each node, or RDZV_ENDPOINT for c10d rendezvous}"
+        : "${MASTER_ADDR:?set MASTER_ADDR to the host of node 0}"
+        rdzv=(--nnodes="$nnodes" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR"
+              --master_port="${MASTER_PORT:-29500}")
+    fi
+else
+    rdzv=(--standalone)
+fi
+
+exec "$py" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$nproc" \
+    -m train.train --config "$recipe" "${args[@]}"
