@@ -1,7 +1,7 @@
 """Cheap JPEG validity checks, so that no image that would stop a DALI pipeline reaches a shard."""
 from __future__ import annotations
 
-from typing import Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
 _SIGNATURES = {
     b"\x89PNG": "PNG",
@@ -18,31 +18,45 @@ _STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
 
 # Headers (SOI up to the end of the start-of-scan segment) that passed the marker walk. The walk's outcome
 # depends only on those bytes, so an image that starts with one of them needs just the end-of-image check.
-# Images of one source share a handful of headers (same quantization and Huffman tables), which turns the
-# walk (a Python loop over every segment) into one dict lookup; the bound keeps memory small on sources
-# whose every header differs (then every image takes the full walk, as without the memo).
+# Images of one source share a handful of headers (same quantization and Huffman tables): the few most
+# recent ones are tried first with ``startswith`` (a memcmp), the rest are found by a set lookup. The bound
+# keeps memory small on sources whose every header differs (then every image takes the full walk).
 _GOOD_HEADERS: Set[bytes] = set()
+_RECENT_HEADERS: List[bytes] = []
 _MAX_GOOD_HEADERS = 4096
+_MAX_RECENT = 4
 
 
 def check_header(data: bytes) -> Optional[str]:
     """Walk the JPEG markers up to the start of scan; return a reason if the image is not a usable JPEG.
 
     Checks: SOI signature, well-formed segments, a frame header with non-zero size, a start of scan, and
-    an end-of-image marker at the end (a cut-off download lacks it). Costs a few dozen byte reads, or one
-    lookup for a header seen before."""
-    sos = data.find(b"\xff\xda", 2)
-    if sos > 0 and sos + 4 <= len(data):
-        # A guess at where the header ends; a wrong guess (an FF DA inside a table) only misses the memo.
-        head = data[: sos + 2 + ((data[sos + 2] << 8) | data[sos + 3])]
-        if (head if type(head) is bytes else bytes(head)) in _GOOD_HEADERS:
+    an end-of-image marker at the end (a cut-off download lacks it). Costs a few dozen byte reads, or a
+    memcmp for a header seen before."""
+    for head in _RECENT_HEADERS:
+        if data.startswith(head):
             return _check_end(data)
-    reason, header_end = _walk_markers(data)
-    if reason is None:
-        reason = _check_end(data)
-        if reason is None and len(_GOOD_HEADERS) < _MAX_GOOD_HEADERS:
-            _GOOD_HEADERS.add(bytes(data[:header_end]))
-    return reason
+    head = _known_header(data)
+    if head is None:
+        reason, header_end = _walk_markers(data)
+        if reason is not None:
+            return reason
+        head = bytes(data[:header_end])
+        if len(_GOOD_HEADERS) < _MAX_GOOD_HEADERS:
+            _GOOD_HEADERS.add(head)
+    _RECENT_HEADERS.insert(0, head)
+    del _RECENT_HEADERS[_MAX_RECENT:]
+    return _check_end(data)
+
+
+def _known_header(data: bytes) -> Optional[bytes]:
+    """The image's header if it is in ``_GOOD_HEADERS``."""
+    sos = data.find(b"\xff\xda", 2)
+    if sos < 0 or sos + 4 > len(data):
+        return None
+    # A guess at where the header ends; a wrong guess (an FF DA inside a table) only misses the memo.
+    head = bytes(data[: sos + 2 + ((data[sos + 2] << 8) | data[sos + 3])])
+    return head if head in _GOOD_HEADERS else None
 
 
 def _check_end(data: bytes) -> Optional[str]:

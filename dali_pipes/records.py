@@ -222,6 +222,22 @@ def _frame_header(payload_len: int) -> bytes:
     return n + _PACK_U32(_mask(_crc(n)))
 
 
+_PAYLOAD_HEADS: Dict[int, Tuple[bytes, int]] = {}
+
+
+def _payload_head(body: int) -> Tuple[bytes, int]:
+    """Frame header and Example header of a record whose Example.features hold ``body`` bytes, and the CRC
+    of the Example header (the start of the payload). Memoized: image records repeat a few thousand sizes."""
+    hit = _PAYLOAD_HEADS.get(body)
+    if hit is None:
+        ex = b"\x0a" + _varint(body)
+        hit = (_frame_header(len(ex) + body) + ex, _crc(ex))
+        if len(_PAYLOAD_HEADS) >= _MAX_MEMO:
+            _PAYLOAD_HEADS.clear()
+        _PAYLOAD_HEADS[body] = hit
+    return hit
+
+
 def index_path(tfrecord_path: str) -> str:
     """``X.tfrecord`` -> ``X.idx`` (DALI's index format: ``offset size`` per line)."""
     base = tfrecord_path[: -len(".tfrecord")] if tfrecord_path.endswith(".tfrecord") else tfrecord_path
@@ -320,9 +336,8 @@ class ShardWriter:
         bytes): frame header, Example header and the blob's prefix; and the CRC of its payload part. Memoized
         for image records (small ``after``)."""
         prefix = _bytes_prefix(self._blob_keys[0], n)
-        body = len(prefix) + n + after
-        head = b"\x0a" + _varint(body) + prefix  # Example.features, then the first entry up to the blob
-        out = (_frame_header(len(head) - len(prefix) + body) + head, _crc(head))
+        head, crc = _payload_head(len(prefix) + n + after)
+        out = (head + prefix, _crc(prefix, crc))
         if after < 256:
             if len(self._leads) >= _MAX_MEMO:
                 self._leads.clear()

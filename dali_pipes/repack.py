@@ -182,10 +182,11 @@ def _read_into(f, offset: int, view: memoryview) -> int:
     return got
 
 
-@functools.lru_cache(maxsize=1024)
-def _position_ints(j: int, k: int) -> bytes:
-    """The encoded ``image_index`` and ``num_images`` features of an image record."""
-    return int_feature("image_index", j) + int_feature("num_images", k)
+@functools.lru_cache(maxsize=256)
+def _position_ints(k: int, end: int) -> List[bytes]:
+    """The encoded ``image_index`` and ``num_images`` features of the image records of a product with ``k``
+    written images, by image index (0 to ``end`` - 1)."""
+    return [int_feature("image_index", j) + int_feature("num_images", k) for j in range(end)]
 
 
 # write_fields takes the encoded int features in schema order; the writing code below assumes this order.
@@ -196,24 +197,24 @@ if ([n for n, kind in IMAGE_FEATURES.items() if kind == "int64"] != ["label", "p
 
 
 class _ChunkWriters:
-    """The shard writers of one chunk, each opened on first use, keyed by group ("train", "products/k2/val")."""
+    """The shard writers of one chunk, each opened on first use (a group without records has no shard)."""
 
     def __init__(self, out: str, chunk: int):
         self.out, self.chunk = out, chunk
         self.by_group: Dict[str, ShardWriter] = {}
-        self._images: Dict[str, ShardWriter] = {}
-        self._products: Dict[Tuple[int, str], ShardWriter] = {}
+        self.images: Dict[str, ShardWriter] = {}  # split -> image shard
+        self.products: Dict[Tuple[str, int], ShardWriter] = {}  # (split, K) -> product shard
 
-    def images(self, split: str) -> ShardWriter:
-        w = self._images.get(split)
+    def image_writer(self, split: str) -> ShardWriter:
+        w = self.images.get(split)
         if w is None:
-            w = self._images[split] = self._open(split, split, IMAGE_FEATURES)
+            w = self.images[split] = self._open(split, split, IMAGE_FEATURES)
         return w
 
-    def products(self, k: int, split: str) -> ShardWriter:
-        w = self._products.get((k, split))
+    def product_writer(self, split: str, k: int) -> ShardWriter:
+        w = self.products.get((split, k))
         if w is None:
-            w = self._products[k, split] = self._open(f"products/k{k}/{split}", split, product_features(k))
+            w = self.products[split, k] = self._open(f"products/k{k}/{split}", split, product_features(k))
         return w
 
     def _open(self, group: str, split: str, schema) -> ShardWriter:
@@ -221,6 +222,16 @@ class _ChunkWriters:
         os.makedirs(d, exist_ok=True)
         w = self.by_group[group] = ShardWriter(os.path.join(d, f"{split}-{self.chunk:05d}.tfrecord"), schema)
         return w
+
+    def count(self, counts: Counter) -> None:
+        """Add the written products and images to ``counts``: each record is one of them."""
+        for split, w in self.images.items():
+            counts["images_written"] += w.records
+            counts[f"{split}_images"] += w.records
+        for (split, k), w in self.products.items():
+            counts["products_written"] += w.records
+            counts[f"{split}_products"] += w.records
+            counts[f"k{k}_{split}"] += w.records
 
     def close(self, res: ChunkResult) -> None:
         for group, w in sorted(self.by_group.items()):
@@ -242,8 +253,8 @@ def _quarantine(res: ChunkResult, pid, offset, image_index, reason, images=0) ->
 
 
 def _read_product(st: Settings, check, res: ChunkResult, off: int, n: int, dup: int, data):
-    """``(id, label, [(image index, JPEG bytes), ...])`` of a usable product; else None, with the product and
-    its bad images in ``res``'s quarantine."""
+    """``(id, label, image indices, JPEG bytes)`` of a usable product (its good images); else None, with the
+    product and its bad images in ``res``'s quarantine."""
     if data is None:
         _quarantine(res, "", off, "", f"document of {n} bytes exceeds the {st.max_doc_bytes}-byte limit")
         return None
@@ -276,7 +287,8 @@ def _read_product(st: Settings, check, res: ChunkResult, off: int, n: int, dup: 
     if n_imgs == 0:
         _quarantine(res, pid, off, "", "product has no images")
         return None
-    good: List[Tuple[int, bytes]] = []
+    good: List[int] = []
+    pics: List[bytes] = []
     for j, img in enumerate(imgs):
         pic = img.get("picture") if isinstance(img, dict) else None
         if not isinstance(pic, (bytes, bytearray)):
@@ -289,11 +301,12 @@ def _read_product(st: Settings, check, res: ChunkResult, off: int, n: int, dup: 
             res.quarantine.append([pid, off, j, reason])
             res.counts["images_quarantined"] += 1
         else:
-            good.append((j, pic if type(pic) is bytes else bytes(pic)))
+            good.append(j)
+            pics.append(pic if type(pic) is bytes else bytes(pic))
     if not good:
         _quarantine(res, pid, off, "", "no readable image (see the image rows)")
         return None
-    return pid, label, good
+    return pid, label, good, pics
 
 
 def _process_chunk(args) -> ChunkResult:
@@ -303,8 +316,7 @@ def _process_chunk(args) -> ChunkResult:
     check = CHECKS[st.verify]
     val = _val_flags(ids, st.val_fraction).tolist() if st.labelled else None
     offsets, lengths, ids = offsets.tolist(), lengths.tolist(), ids.tolist()
-    products: Counter = Counter()  # written products per (split, K)
-    images: Counter = Counter()  # written images per split
+    label_ints: Dict[int, bytes] = {}
     reported = 0  # documents counted in the progress report
     try:
         docs = _documents(st.bson_path, offsets, lengths, st.max_doc_bytes)
@@ -315,39 +327,29 @@ def _process_chunk(args) -> ChunkResult:
             got = _read_product(st, check, res, off, n, dup, data)
             if got is None:
                 continue
-            pid, label, good = got
+            pid, label, good, pics = got
+            k = len(good)
             if val is None:
                 split = "test"
-                res.order.append((pid, off, len(good)))
+                res.order.append((pid, off, k))
             else:  # the id of the scan is the decoded one unless _id is not the document's first field
                 split = "val" if (val[i] if ids[i] == pid else is_val(pid, st.val_fraction)) else "train"
-            k = len(good)
-            ints = int_feature("label", label) + int_feature("product_id", pid)
-            w = writers.images(split)
-            for j, pic in good:
-                w.write_fields((pic,), ints + _position_ints(j, k))
+            lab = label_ints.get(label) or label_ints.setdefault(label, int_feature("label", label))
+            ints = lab + int_feature("product_id", pid)
+            write_one = (writers.images.get(split) or writers.image_writer(split)).write_one
+            positions = _position_ints(k, good[-1] + 1)
+            for j, pic in zip(good, pics):
+                write_one(pic, ints + positions[j])
             kk = min(k, MAX_K)
-            writers.products(kk, split).write_fields([pic for _, pic in good[:kk]], ints)
-            products[split, kk] += 1
-            images[split] += k
+            (writers.products.get((split, kk)) or writers.product_writer(split, kk)).write_fields(pics[:kk], ints)
         writers.close(res)
     except BaseException:
         writers.abort()
         raise
     _report_progress(len(offsets) - reported, sum(lengths[reported:]))
-    _count_written(res.counts, products, images, len(offsets))
+    res.counts["products_read"] += len(offsets)
+    writers.count(res.counts)
     return res
-
-
-def _count_written(counts: Counter, products: Counter, images: Counter, read: int) -> None:
-    counts["products_read"] += read
-    for (split, k), n in products.items():
-        counts["products_written"] += n
-        counts[f"{split}_products"] += n
-        counts[f"k{k}_{split}"] += n
-    for split, n in images.items():
-        counts["images_written"] += n
-        counts[f"{split}_images"] += n
 
 
 # ---- the driver ----------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class FirstPlaceNet(Net):
 
     def _build_head(self, channels: int, num_classes: int) -> None:
         c = num_classes
-        self.layer5 = nn.Sequential(nn.Conv2d(channels, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.layer5 = nn.Sequential(nn.Conv2d(channels, c, 1, bias=False), nn.BatchNorm2d(c),
+                                    nn.ReLU(inplace=True))
         self.fc_p1 = nn.Linear(c, c)
         self.fc_p1_bn = nn.BatchNorm1d(c)
         self.fc = nn.Linear(c, c)
@@ -98,7 +99,8 @@ class VggNet(Net):
     head_kind = "vgg"
     head_names = ("fc6", "fc7", "head_drop", "fc")
 
-    def _build_head(self, channels: int, num_classes: int, vgg_width: int = 4096, vgg_dropout: float = 0.5) -> None:
+    def _build_head(self, channels: int, num_classes: int, vgg_width: int = 4096,
+                    vgg_dropout: float = 0.5) -> None:
         self.fc6 = nn.Linear(channels, vgg_width)
         self.fc7 = nn.Linear(vgg_width, vgg_width)
         self.head_drop = nn.Dropout(vgg_dropout)

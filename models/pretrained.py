@@ -33,7 +33,8 @@ def read_state_dict(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file (weights are read from local files only: "
-                                "download them elsewhere, e.g. torchvision/timm ImageNet weights, and pass the path)")
+                                "download them elsewhere, e.g. torchvision/timm ImageNet weights, and pass "
+                                "the path)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         obj = load_file(str(path), device="cpu")
@@ -105,9 +106,10 @@ def load_pretrained(model: nn.Module, path: str | Path, skip=()) -> dict:
     report["loaded"] = list(chosen)
 
     not_loaded = [k for k in target if k not in chosen and not k.endswith("num_batches_tracked")]
+    left = f"; left as initialized: {_modules_of(not_loaded)}" if not_loaded else ""
     print(f"load_pretrained {path}: loaded {len(chosen)}/{len(target)} tensors; missing {len(report['missing'])}, "
           f"unexpected {len(report['unexpected'])}, shape mismatch {len(report['shape_mismatch'])}, "
-          f"skipped {len(report['skipped'])}" + (f"; left as initialized: {_modules_of(not_loaded)}" if not_loaded else ""))
+          f"skipped {len(report['skipped'])}{left}")
     for kind in ("missing", "unexpected", "shape_mismatch", "skipped"):
         if report[kind]:
             log.info("load_pretrained %s: %s (%d): %s", path, kind, len(report[kind]), ", ".join(report[kind]))

@@ -4,6 +4,7 @@ An entry is a function `fn(num_classes, head="first", **kw) -> Net`; the entries
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch.nn as nn
@@ -29,8 +30,8 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, num_classes: int, head: str = "first", pretrained: str | None = None,
-                 **kw) -> nn.Module:
+def create_model(name: str, num_classes: int, head: str = "first",
+                 pretrained: str | os.PathLike | None = None, **kw) -> nn.Module:
     """Build model `name` with `num_classes` outputs and `head` ("first", "vgg" or "linear").
 
     `pretrained`: path of a local checkpoint whose trunk tensors are loaded (the new head stays initialized;
@@ -38,6 +39,9 @@ def create_model(name: str, num_classes: int, head: str = "first", pretrained: s
     `vgg_width`/`vgg_dropout` to the vgg head, `wide` to inception_resnet_v2, the rest to timm."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(f"pretrained must be the path of a local checkpoint (nothing is downloaded), "
+                        f"not {pretrained!r}")
     model = _MODELS[name](num_classes=num_classes, head=head, **kw)
     if pretrained:
         load_pretrained(model, pretrained, skip=model.new_names)

@@ -70,6 +70,8 @@ def test_unknown_head_and_wrong_keywords_are_errors():
         create_model("tiny", C, vgg_width=64)  # a vgg keyword for the first-place head
     with pytest.raises(ValueError, match="num_classes"):
         create_model("tiny", 0)
+    with pytest.raises(TypeError, match="local checkpoint"):
+        create_model("tiny", C, pretrained=True)  # no hub downloads, only paths
 
 
 # --- every registered model: trunk == timm's forward_features, ImageNet weights load, train step ---------
@@ -193,7 +195,8 @@ def test_independent_first_place_checkpoint_loads_strictly(resnet50_5270, tmp_pa
     report = load_pretrained(model, path)  # the same file through load_pretrained: everything fits
     assert len(report["loaded"]) == len(model.state_dict())
     assert not (report["missing"] or report["unexpected"] or report["shape_mismatch"] or report["skipped"])
-    assert "loaded 333/333 tensors; missing 0, unexpected 0, shape mismatch 0, skipped 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "loaded 333/333 tensors; missing 0, unexpected 0, shape mismatch 0, skipped 0" in out
 
 
 # --- load_pretrained ------------------------------------------------------------------------------------
@@ -240,7 +243,8 @@ def test_create_model_pretrained_loads_trunk_and_skips_head(torchvision_imagenet
     head = [k for k in sd if k.split(".")[0] in HEAD_KEYS]
     assert all(torch.equal(sd[k], fresh[k]) for k in head)
     # the head is skipped by name (the ImageNet fc and the model's new modules), not by luck of shape
-    assert "loaded 318/333 tensors; missing 0, unexpected 0, shape mismatch 0, skipped 15" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "loaded 318/333 tensors; missing 0, unexpected 0, shape mismatch 0, skipped 15" in out
     assert len(head) == 15
 
 
@@ -358,3 +362,22 @@ def test_channels_last_and_compile_match_eager(tmp_path):
     torch.save(model.state_dict(), tmp_path / "tiny.pth")
     assert not load_pretrained(compiled, tmp_path / "tiny.pth")["missing"]
     assert len(param_groups(compiled)["new"]) == len(param_groups(model)["new"])
+
+
+# --- GPU: torch.compile (inductor) + channels_last + bf16 autocast, every model ---------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list_models())
+def test_compile_channels_last_bf16_on_gpu(name):
+    torch.manual_seed(0)
+    model = create_model(name, C).cuda().to(memory_format=CL)
+    compiled = torch.compile(model)
+    x = torch.randn(4, 3, 160, 160, device="cuda").contiguous(memory_format=CL)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(compiled(x), torch.arange(4, device="cuda") % C)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=2e-2, atol=2e-2)

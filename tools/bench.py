@@ -219,6 +219,129 @@ def bench_baseline(a) -> dict:
             "env": environment(a.batch, a.threads)}
 
 
+# ---- loader ----------------------------------------------------------------------------------------
+def _sync_for(backend: str) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if backend == "dali-gpu" else (lambda: None)
+
+
+def bench_loader(a) -> dict:
+    from dali_pipes.config import DataConfig
+    from dali_pipes.loader import build_loader
+
+    cfg = DataConfig(path=a.data, backend=a.backend, batch_size=a.batch, num_threads=a.threads, crop=a.crop,
+                     hw_decoder_load=a.hw_decoder_load, prefetch=a.prefetch)
+    loader, _ = build_loader(cfg, 0, 1, "train")
+    state = {"it": iter(loader)}
+
+    def step():
+        try:
+            images, _ = next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            images, _ = next(state["it"])
+        return images.shape[0]
+
+    rate, times = timed_loop(step, warmup=a.warmup, seconds=a.seconds, sync=_sync_for(a.backend))
+    pct = percentiles_ms(times)
+    return {"mode": "loader", "backend": a.backend, "images_per_s": rate, "batch_ms_p50": pct["p50"],
+            "batch_ms_p99": pct["p99"], "crop": a.crop, "env": environment(a.batch, a.threads)}
+
+
+# ---- train: the trainer's own step, timed ----------------------------------------------------------
+def _train_rate(a, backend: str, data: Optional[str], num_classes: int) -> dict:
+    """images/s and data-wait share of full training steps, using ``train.train.Trainer`` unchanged."""
+    import torch
+
+    from train.config import from_dict
+    from train.distributed import Dist
+    from train.train import Trainer
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = from_dict({
+        "data": {"path": data or "", "backend": backend, "batch_size": a.batch, "crop": a.crop,
+                 "num_threads": a.threads, "channels_last": a.channels_last, "synthetic_num_classes": num_classes,
+                 "synthetic_steps": a.warmup + a.steps, "dtype": "float32"},
+        "model": {"name": a.model, "channels_last": a.channels_last, "compile": a.compile},
+        "train": {"amp": a.amp, "tensorboard": False, "log_every": 1_000_000}})
+    cfg.validate()
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, run_dir, Dist(device=dev))
+        trainer.val_loader = None
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        it, wait = iter(trainer.train_loader), [0.0]
+
+        def step():
+            nonlocal it
+            t0 = time.perf_counter()
+            try:
+                images, labels = next(it)
+            except StopIteration:
+                it = iter(trainer.train_loader)
+                images, labels = next(it)
+            wait[0] += time.perf_counter() - t0
+            trainer.train_step(*trainer.prepare(images, labels))
+            return images.shape[0]
+
+        for _ in range(a.warmup):
+            step()
+        sync()
+        wait[0] = 0.0
+        t0 = time.perf_counter()
+        rate, times = timed_loop(step, warmup=0, seconds=0, max_steps=a.steps, sync=lambda: None)
+        sync()
+        elapsed = time.perf_counter() - t0
+        images = a.steps * a.batch
+        trainer.close()
+    return {"images_per_s": images / elapsed, "data_wait_share": wait[0] / elapsed}
+
+
+def bench_train(a) -> dict:
+    if not a.data and not a.synthetic:
+        raise SystemExit("bench train: give --data DATA, --synthetic, or both")
+    import torch
+
+    backend = a.backend or ("dali-gpu" if torch.cuda.is_available() else "dali-cpu")
+    res = {"mode": "train", "model": a.model, "amp": a.amp, "channels_last": a.channels_last,
+           "compile": a.compile, "crop": a.crop}
+    num_classes = a.classes
+    if a.data:
+        from dali_pipes.dataset import open_dataset
+
+        num_classes = open_dataset(a.data).num_classes
+        res["real"] = dict(_train_rate(a, backend, a.data, num_classes), backend=backend)
+    if a.synthetic:
+        res["synthetic"] = {"images_per_s": _train_rate(a, "synthetic", None, num_classes)["images_per_s"]}
+    if "real" in res and "synthetic" in res:
+        res["real_over_synthetic"] = res["real"]["images_per_s"] / res["synthetic"]["images_per_s"]
+    res["num_classes"] = num_classes
+    res["env"] = environment(a.batch, a.threads)
+    return res
+
+
+# ---- predict -------------------------------------------------------------------------------------------
+def bench_predict(a) -> dict:
+    import torch
+
+    from train.predict import load_ensemble, predict
+
+    backend = a.backend or ("dali-gpu" if torch.cuda.is_available() else "dali-cpu")
+    members = load_ensemble(a.checkpoint, torch.device("cuda" if backend == "dali-gpu" else "cpu"))
+    from dali_pipes.dataset import open_dataset
+
+    images = open_dataset(a.data).manifest["splits"]["test"]["images"]
+    with tempfile.TemporaryDirectory() as tmp:
+        predict(a.data, members, os.path.join(tmp, "sub.csv"), batch=a.batch, backend=backend,
+                threads=a.threads, tta=a.tta, progress=False)  # warm-up: pipeline build, kernels
+        t0 = time.perf_counter()
+        s = predict(a.data, members, os.path.join(tmp, "sub.csv"), batch=a.batch, backend=backend,
+                    threads=a.threads, tta=a.tta, progress=False)
+        dt = time.perf_counter() - t0
+    return {"mode": "predict", "images_per_s": images / dt, "products_per_s": s["products"] / dt,
+            "backend": backend, "tta": a.tta, "models": len(members), "env": environment(a.batch, a.threads)}
+
+
 # ---- command line ------------------------------------------------------------------------------------
 def _common(p, data_required=True):
     p.add_argument("--data", required=data_required, help="a repacked DATA directory")
@@ -235,6 +358,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="PIL + DataLoader, and a bare libjpeg-turbo decode loop")
     _common(p)
     p.add_argument("--images", type=int, default=2048, help="JPEGs taken from the train split")
+    p = sub.add_parser("loader", help="images/s of the DALI loader alone (train pipeline)")
+    _common(p)
+    p.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default="dali-cpu")
+    p.add_argument("--hw-decoder-load", type=float, default=0.65)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=5, help="batches before timing")
+    p = sub.add_parser("train", help="images/s of full training steps, real data and/or synthetic")
+    _common(p, data_required=False)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--synthetic", action="store_true", help="also (or only) time random tensors on the device")
+    p.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None,
+                   help="loader for --data (default: dali-gpu with CUDA, else dali-cpu)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--classes", type=int, default=5270, help="classes of the synthetic-only run")
+    p = sub.add_parser("predict", help="images/s of the predict path on an unlabelled repack")
+    _common(p)
+    p.add_argument("--checkpoint", action="append", required=True)
+    p.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None)
+    p.add_argument("--tta", choices=["none", "flip"], default="none")
     p = sub.add_parser("repack", help="repack throughput next to a bare BSON scan")
     p.add_argument("--bson", required=True)
     p.add_argument("--categories", required=True)
@@ -245,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-MODES = {"baseline": bench_baseline, "repack": bench_repack}
+MODES = {"baseline": bench_baseline, "repack": bench_repack, "loader": bench_loader, "train": bench_train,
+         "predict": bench_predict}
 
 
 def main(argv=None) -> int:

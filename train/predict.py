@@ -91,15 +91,19 @@ def read_rows(data: str) -> Rows:
     with open(os.path.join(data, "products.csv"), newline="") as f:
         written = [(int(r["offset"]), int(r["product_id"])) for r in csv.DictReader(f)]
     quarantined: Dict[int, Tuple[int, str]] = {}
+    image_reasons: Dict[int, List[str]] = {}
     no_id = []
     with open(os.path.join(data, "quarantine.csv"), newline="") as f:
         for r in csv.DictReader(f):
-            if r["image_index"]:
-                continue  # an image of a product that still has others
-            if not r["product_id"]:
+            if r["image_index"]:  # kept to explain the product's row if none of its images is readable
+                image_reasons.setdefault(int(r["offset"]), []).append(f"image {r['image_index']}: {r['reason']}")
+            elif not r["product_id"]:
                 no_id.append(r)
-                continue
-            quarantined[int(r["offset"])] = (int(r["product_id"]), r["reason"])
+            else:
+                quarantined[int(r["offset"])] = (int(r["product_id"]), r["reason"])
+    for off, (pid, why) in quarantined.items():
+        if off in image_reasons:
+            quarantined[off] = (pid, f"{why.split(' (')[0]}: {'; '.join(image_reasons[off])}")
     entries = [(o, pid, None) for o, pid in written] + [(o, pid, why) for o, (pid, why) in quarantined.items()]
     entries.sort(key=lambda e: e[0])
     ids = np.array([e[1] for e in entries], np.int64)

@@ -72,5 +72,12 @@ else
     rdzv=(--standalone)
 fi
 
-exec "$py" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$nproc" \
+# torchrun reports any non-zero worker exit as a failure with a traceback; an early stop is a designed end,
+# so the workers exit 0 and leave its status (3) in this file for run.sh to return.
+status_file=$(mktemp)
+trap 'rm -f "$status_file"' EXIT
+export TRAIN_STATUS_FILE=$status_file
+"$py" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$nproc" \
     -m train.train --config "$recipe" "${args[@]}"
+status=$(cat "$status_file")
+exit "${status:-0}"

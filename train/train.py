@@ -86,13 +86,10 @@ class Trainer:
                                              "that every node sees")
         self.ckpt = checkpoint.load(path) if seen[0] else None
         ck = self.ckpt
-        if ck:
-            self._check_resumable(ck, path)
+        fresh_epoch = self._check_resumable(ck, path) if ck else False
 
-        # Data. The loader position is per rank; a different world size can only start a fresh epoch.
-        state = None
-        if ck and ck["world_size"] == d.world_size:
-            state = ck["loader_states"][d.rank]
+        # Data: each rank resumes its own reader position.
+        state = ck["loader_states"][d.rank] if ck and not fresh_epoch else None
         class_map = ck["category_ids"] if ck else None
         self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
                                                    state=state, class_map=class_map)
@@ -144,8 +141,11 @@ class Trainer:
             self.opt.load_state_dict(ck["optimizer"])
             self.scaler.load_state_dict(ck["scaler"])
             self.step, self.best = int(ck["step"]), dict(ck["best"])
+            if fresh_epoch:  # the same epoch count in this run's steps
+                self.step = self.step // ck["steps_per_epoch"] * self.spe
 
-        model = DDP(raw, device_ids=[self.dev.index] if self.dev.type == "cuda" else None) if d.enabled else raw
+        model = (DDP(raw, device_ids=[self.dev.index] if self.dev.type == "cuda" else None, gradient_as_bucket_view=True)
+                 if d.enabled else raw)
         self.model = torch.compile(model) if mc.compile else model
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing)
 
@@ -163,27 +163,30 @@ class Trainer:
         if self.d.is_main:
             print(f"note: {msg}", flush=True)
 
-    def _check_resumable(self, ck: dict, path: str) -> None:
+    def _check_resumable(self, ck: dict, path: str) -> bool:
+        """Refuse what cannot resume; True where the loader must start the next epoch afresh."""
         old = ck["config"]
         try:
             old_data = from_dict({"data": old["data"]}, f"{path} config").data
         except (ConfigError, KeyError) as e:
             raise checkpoint.CheckpointError(f"{path}: its config cannot be read by this version ({e})") from None
-        mid_epoch = ck["step"] % ck["steps_per_epoch"] != 0
-        if mid_epoch and old_data.pipeline_signature() != self.cfg.data.pipeline_signature():
-            raise checkpoint.CheckpointError(
-                f"{path} stopped mid-epoch with data settings {old_data.pipeline_signature()}, this run has "
-                f"{self.cfg.data.pipeline_signature()}: the reader position does not carry over; use the settings "
-                "the run started with")
-        if ck["world_size"] != self.d.world_size:
-            if mid_epoch:
-                raise checkpoint.CheckpointError(
-                    f"{path} stopped mid-epoch with {ck['world_size']} processes, this run has {self.d.world_size}: "
-                    f"each process's reader position is saved; run with --nproc {ck['world_size']}, or resume "
-                    "from an epoch-end checkpoint")
-            self.note(f"{ck['world_size']} processes before, {self.d.world_size} now: the next epoch is shuffled anew")
         for change in _config_changes(old, to_dict(self.cfg)):
             self.note(f"config differs from {path}: {change}")
+        changed = []
+        if old_data.pipeline_signature() != self.cfg.data.pipeline_signature():
+            changed.append(f"data settings {old_data.pipeline_signature()} -> {self.cfg.data.pipeline_signature()}")
+        if ck["world_size"] != self.d.world_size:
+            changed.append(f"{ck['world_size']} -> {self.d.world_size} processes")
+        if not changed:
+            return False
+        if ck["step"] % ck["steps_per_epoch"]:
+            raise checkpoint.CheckpointError(
+                f"{path} stopped mid-epoch (step {ck['step']}); each process's reader position holds only for the "
+                f"data settings and process count it was saved with, and this run changes {'; '.join(changed)}. "
+                f"Run with the settings the run started with (--nproc {ck['world_size']}), or resume from an "
+                "epoch-end checkpoint")
+        self.note(f"{'; '.join(changed)}: the next epoch starts with fresh readers")
+        return True
 
     def _init_from(self, raw: torch.nn.Module, path: str) -> None:
         src = checkpoint.load(path)
@@ -411,7 +414,9 @@ def main(argv=None) -> int:
         barrier(d)
         trainer = Trainer(cfg, run_dir, d)
         return trainer.fit()
-    except (ConfigError, DatasetError, checkpoint.CheckpointError) as e:
+    except (ValueError, DatasetError, checkpoint.CheckpointError) as e:  # ConfigError is a ValueError
+        if trainer is not None:  # past setup a ValueError is a bug: show where
+            raise
         if d is None or d.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -425,5 +430,16 @@ def main(argv=None) -> int:
         cleanup()
 
 
+def _exit_status(code: int) -> int:
+    """Under run.sh an early stop leaves its status in TRAIN_STATUS_FILE and exits 0 (see run.sh)."""
+    path = os.environ.get("TRAIN_STATUS_FILE")
+    if code == EXIT_EARLY_STOP and path:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            with open(path, "w") as f:
+                f.write(str(code))
+        return 0
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_exit_status(main()))

@@ -1,0 +1,252 @@
+"""``build_loader``: the one entry point from a DATA directory (or nothing, for ``synthetic``) to batches.
+
+    loader, steps_per_epoch = build_loader(cfg, rank, world_size, split, device=None, state=None,
+                                           class_map=None, flip=False)
+
+Backends ``dali-gpu`` (decode and augment on the GPU), ``dali-cpu`` (all on the CPU) and ``synthetic``
+(random tensors made once on ``device``, to time the model alone) share this signature and these semantics:
+
+* ``split == "train"``: shuffled, random crop + random flip; ``for images, labels in loader`` runs one epoch
+  of exactly ``steps_per_epoch`` full batches. Any other split is evaluation: file order, centre crop
+  (``cfg.eval_crop``) or the whole image, every image mirrored when ``flip=True`` (TTA), and
+  ``for images, labels, meta in loader`` with ``meta = {"product_id", "image_index"}`` (int64; image_index
+  is -1 for tiled products).
+* Images: ``(N, 3, H, W)`` or, with ``cfg.channels_last``, ``(N, H, W, 3)`` (``permute(0, 3, 1, 2)`` is then a
+  free NCHW view in channels_last memory), in ``cfg.dtype``, normalized with ``cfg.mean``/``cfg.std`` (pixel
+  scale). ``cfg.tiled_k`` in 2..4 reads the product shards and tiles the K crops: W x K (K=2, 3) or 2x2.
+  Labels: int64 ``(N,)``, -1 for unlabelled data.
+* Devices: dali-gpu yields images and labels on the pipeline's GPU; dali-cpu yields CPU tensors, copied
+  to ``device`` if one is given; meta stays on the CPU.
+
+Last batch. Shards are cut from the split's records as DALI does (rank r reads records
+floor(r*N/W) .. floor((r+1)*N/W)) and padded to equal length with copies of their last record.
+Train drops the incomplete last batch of each epoch: every rank runs the same ``(N // W) // batch_size``
+steps (DDP needs that), no sample is repeated within an epoch and fewer than ``batch_size`` per rank
+are left out; each epoch a rank moves on to the next shard and reshuffles, so a different few are left
+out. Evaluation drops the padding copies: over an epoch a rank yields each record of its shard exactly
+once, the last batch may be shorter, and ranks may yield different numbers of batches (at most one
+apart), so no collective may run inside an eval loop.
+
+Resume. ``loader.state()`` between batches (or at epoch end) returns a plain dict (str, int, bytes, list,
+dict only: safe for ``torch.load(weights_only=True)``) with this rank's DALI checkpoint (reader position,
+shuffle buffer and random generators), the epoch and step, ``cfg.pipeline_signature()``, the split, the
+rank and world size. ``build_loader(..., state=s)`` continues with the next batch: its first ``for``
+yields the rest of that epoch. Once the last batch of an epoch has been handed out the loader has already
+moved to the next epoch (state() then resumes at its first batch). Breaking out of a ``for`` keeps the
+position; the next ``for`` continues the same epoch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from .config import DataConfig, resolve_backend
+from .dataset import check_class_map, open_dataset
+
+STATE_VERSION = 1
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Records of the split that ``rank`` reads, as DALI's readers cut them."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def image_hw(cfg: DataConfig, train: bool) -> tuple:
+    """(H, W) of the loader's pictures: the crop (or, in eval without crop, the whole image), tiled."""
+    s = cfg.crop if (train or cfg.eval_crop) else cfg.image_size
+    return {0: (s, s), 2: (s, 2 * s), 3: (s, 3 * s), 4: (2 * s, 2 * s)}[cfg.tiled_k]
+
+
+class _Loader:
+    """What every backend shares: attributes, epoch/step counting and the checked state dict."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, flip: bool):
+        self.cfg, self.rank, self.world_size, self.split, self.flip = cfg, rank, world_size, split, flip
+        self.train = split == "train"
+        self.epoch = 0
+        self.step = 0  # batches handed out in the current epoch
+        self.steps_per_epoch = 0
+        self.num_samples = 0  # this rank's samples per epoch (train: steps x batch)
+        self.num_classes = 0
+        self.category_ids: List[int] = []
+        self.num_records = 0  # records of the split (all ranks)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _identity(self) -> dict:
+        return {"signature": self.cfg.pipeline_signature(), "world_size": self.world_size, "rank": self.rank,
+                "split": self.split, "flip": self.flip, "num_records": self.num_records}
+
+    def _state(self, **extra) -> dict:
+        return {"version": STATE_VERSION, **self._identity(), "epoch": self.epoch, "step": self.step, **extra}
+
+    def _check_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError("loader state: not a state from dali_pipes.loader (version "
+                             f"{state.get('version') if isinstance(state, dict) else type(state).__name__}, "
+                             f"expected {STATE_VERSION})")
+        mine, diffs = self._identity(), []
+        for k, v in mine.items():
+            old = state.get(k)
+            if k == "signature" and isinstance(old, dict):
+                diffs += [f"data.{f}: saved {old.get(f)!r}, now {v.get(f)!r}" for f in sorted(set(v) | set(old))
+                          if old.get(f) != v.get(f)]
+            elif old != v:
+                diffs.append(f"{k}: saved {old!r}, now {v!r}")
+        if diffs:
+            raise ValueError("loader state was saved by a different pipeline configuration, so its reader "
+                             "position does not apply here (" + "; ".join(diffs) + "); resume with the data "
+                             "settings and process count the run started with, or start the epoch afresh "
+                             "without a state")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+# ---- DALI ------------------------------------------------------------------------------------------------
+class DaliLoader(_Loader):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        from .pipelines import READER, build_pipeline, output_names
+
+        super().__init__(cfg, rank, world_size, split, flip)
+        gpu = cfg.backend == "dali-gpu"
+        ds = open_dataset(cfg.path)
+        if class_map is not None and ds.category_ids:  # unlabelled test data has no class map to compare
+            check_class_map(class_map, ds.category_ids, f"{cfg.path}/classes.csv vs the run's class map")
+        self.category_ids = list(ds.category_ids or class_map or [])
+        self.num_classes = len(self.category_ids)
+        paths, idxs, counts = ds.shards(split, cfg.tiled_k)  # checks every .idx against its shard
+        what = f"{cfg.path} split {split!r}" + (f" (products with K={cfg.tiled_k} images)" if cfg.tiled_k else "")
+        n = self.num_records = sum(counts)
+        if n == 0:
+            raise ValueError(f"{what} holds no records")
+        share = len(shard_range(n, rank, world_size))
+        # Train needs one full batch per rank (it drops incomplete ones); eval handles any short shard but
+        # not an empty one.
+        need = cfg.batch_size if self.train else 1
+        if n // world_size < need:
+            raise ValueError(f"{what}: {n} records over {world_size} process(es) leave {n // world_size} per "
+                             f"process, fewer than " + (f"data.batch_size={cfg.batch_size}; lower data.batch_size"
+                                                        if self.train else "one; run fewer processes") +
+                             (" or run fewer processes" if self.train else ""))
+        if self.train:
+            self.steps_per_epoch = (n // world_size) // cfg.batch_size
+            self.num_samples = self.steps_per_epoch * cfg.batch_size
+        else:
+            self.steps_per_epoch = math.ceil(share / cfg.batch_size)
+            self.num_samples = share
+        if state is not None:
+            self._check_state(state)
+
+        if gpu:
+            device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+            if device.type != "cuda":
+                raise ValueError(f"data.backend=dali-gpu puts batches on a CUDA device, not {device}")
+        self.device = None if device is None else torch.device(device)
+        self.tiled = bool(cfg.tiled_k)
+        self.out_dtype = _TORCH_DTYPES[cfg.dtype]
+        self.pipe = build_pipeline(
+            paths=paths, index_paths=idxs, tiled_k=cfg.tiled_k, train=self.train,
+            decode_device="mixed" if gpu else "cpu", batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+            device_id=self.device.index if gpu else None, seed=(cfg.seed + 1_000_003 * rank) % (1 << 31),
+            prefetch=cfg.prefetch, crop=cfg.crop, image_size=cfg.image_size, eval_crop=cfg.eval_crop, flip=flip,
+            mean=cfg.mean, std=cfg.std, dtype=cfg.dtype, channels_last=cfg.channels_last, shard_id=rank,
+            num_shards=world_size, initial_fill=cfg.initial_fill, hw_decoder_load=cfg.hw_decoder_load,
+            checkpoint=state["dali"] if state is not None else None)
+        self.it = DALIGenericIterator(
+            self.pipe, output_names(cfg.tiled_k), reader_name=READER, auto_reset=True,
+            last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
+
+    def state(self) -> dict:
+        return self._state(dali=bytes(self.it.checkpoints()[0]))
+
+    def __iter__(self) -> Iterator[tuple]:
+        while True:
+            batch = next(self.it)[0]
+            self.step += 1
+            last = self.step == self.steps_per_epoch
+            if last:
+                self._finish_epoch()
+            yield self._convert(batch)
+            if last:
+                return
+
+    def _finish_epoch(self) -> None:
+        """Run the DALI iterator to its end of epoch now, so that a state taken after the last batch (as
+        the trainer does before leaving the loop) resumes at the next epoch's first batch."""
+        while True:
+            try:
+                rest = next(self.it)[0]
+            except StopIteration:
+                break
+            if rest["images"].shape[0]:
+                raise RuntimeError(f"loader {self.split}: DALI returned more than the {self.steps_per_epoch} "
+                                   "batches expected per epoch; a bug in the step count")
+        self.epoch += 1
+        self.step = 0
+
+    def _convert(self, b: dict) -> tuple:
+        images = b["images"]
+        if images.dtype != self.out_dtype:  # bfloat16: DALI has no such type
+            images = images.to(self.out_dtype)
+        labels = b["labels"].view(-1)
+        if self.device is not None and images.device != self.device:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+        if self.train:
+            return images, labels
+        pids = b["product_id"].view(-1)
+        index = torch.full_like(pids, -1) if self.tiled else b["image_index"].view(-1)
+        return images, labels, {"product_id": pids, "image_index": index}
+
+
+# ---- synthetic -------------------------------------------------------------------------------------------
+class SyntheticLoader(_Loader):
+    """The same batch every step, made once on ``device``: the model's speed without any input cost."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, flip):
+        super().__init__(cfg, rank, world_size, split, flip)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self.num_classes = cfg.synthetic_num_classes
+        self.category_ids = list(range(self.num_classes))
+        self.steps_per_epoch = cfg.synthetic_steps
+        self.num_samples = self.num_records = cfg.synthetic_steps * cfg.batch_size
+        if state is not None:
+            self._check_state(state)
+        g = torch.Generator().manual_seed(cfg.seed + rank)
+        h, w = image_hw(cfg, self.train)
+        shape = (cfg.batch_size, h, w, 3) if cfg.channels_last else (cfg.batch_size, 3, h, w)
+        self.images = torch.randn(shape, generator=g).to(device=device, dtype=_TORCH_DTYPES[cfg.dtype])
+        self.labels = torch.randint(0, self.num_classes, (cfg.batch_size,), generator=g).to(device)
+        self.meta = {"product_id": torch.arange(cfg.batch_size, dtype=torch.int64),
+                     "image_index": torch.zeros(cfg.batch_size, dtype=torch.int64)}
+
+    def state(self) -> dict:
+        return self._state()
+
+    def __iter__(self) -> Iterator[tuple]:
+        while True:
+            self.step += 1
+            last = self.step == self.steps_per_epoch
+            if last:
+                self.epoch, self.step = self.epoch + 1, 0
+            yield (self.images, self.labels) if self.train else (self.images, self.labels, self.meta)
+            if last:
+                return
+
+
+def build_loader(cfg: DataConfig, rank: int, world_size: int, split: str, device=None, state: Optional[dict] = None,
+                 class_map: Optional[Sequence[int]] = None, flip: bool = False):
+    """``(loader, steps_per_epoch)``; see the module docstring for the contract."""
+    cfg.validate()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    if resolve_backend(cfg.backend) == "synthetic":
+        loader = SyntheticLoader(cfg, rank, world_size, split, device, state, flip)
+    else:
+        loader = DaliLoader(cfg, rank, world_size, split, device, state, class_map, flip)
+    return loader, loader.steps_per_epoch

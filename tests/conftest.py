@@ -1,0 +1,81 @@
+"""Shared fixtures: small generated data sets, built once per test session.
+
+- ``synthetic_dir``: ``tools.make_synthetic`` output (train.bson, test.bson, category_names.csv,
+  test_answers.csv): 400 train products in 8 categories, 60 test products.
+- ``data_dir``: its train.bson repacked (val fraction 0.2): DATA/{train,val,products/k1..k4}.
+- ``test_data_dir``: its test.bson repacked with ``--unlabelled`` (split ``test``, labels -1).
+
+Tests marked ``gpu`` are skipped where torch sees no CUDA device.
+"""
+import pytest
+
+SYN_PRODUCTS, SYN_TEST_PRODUCTS, SYN_CATEGORIES, SYN_SEED = 400, 60, 8, 0
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not any("gpu" in item.keywords for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    from tools import make_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    rc = make_synthetic.main(["--out", str(out), "--products", str(SYN_PRODUCTS), "--test-products",
+                              str(SYN_TEST_PRODUCTS), "--categories", str(SYN_CATEGORIES), "--seed", str(SYN_SEED)])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(synthetic_dir, tmp_path_factory):
+    from tools import repack
+
+    out = tmp_path_factory.mktemp("data") / "DATA"
+    rc = repack.main(["--bson", str(synthetic_dir / "train.bson"), "--categories",
+                      str(synthetic_dir / "category_names.csv"), "--out", str(out), "--val-fraction", "0.2",
+                      "--workers", "1", "--quiet"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def test_data_dir(synthetic_dir, tmp_path_factory):
+    from tools import repack
+
+    out = tmp_path_factory.mktemp("data_test") / "DATA_TEST"
+    rc = repack.main(["--bson", str(synthetic_dir / "test.bson"), "--unlabelled", "--out", str(out),
+                      "--workers", "1", "--quiet"])
+    assert rc == 0
+    return out
+
+
+# ---- the trainer's tests (tests/test_train_*.py) ---------------------------------------------------------
+DEMO_PRODUCTS, DEMO_CATEGORIES, DEMO_SEED = 2000, 20, 0
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory):
+    """The set `make demo` trains on: 2,000 products in 20 categories, repacked with val fraction 0.1."""
+    from tools import make_synthetic, repack
+
+    raw = tmp_path_factory.mktemp("demo_synthetic")
+    assert make_synthetic.main(["--out", str(raw), "--products", str(DEMO_PRODUCTS), "--test-products", "0",
+                                "--categories", str(DEMO_CATEGORIES), "--seed", str(DEMO_SEED)]) == 0
+    out = tmp_path_factory.mktemp("demo_data") / "DATA"
+    assert repack.main(["--bson", str(raw / "train.bson"), "--categories", str(raw / "category_names.csv"),
+                        "--out", str(out), "--val-fraction", "0.1", "--workers", "1", "--quiet"]) == 0
+    return out

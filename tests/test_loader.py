@@ -1,0 +1,360 @@
+"""build_loader on generated data (dali-cpu and synthetic): sharding, last batch, resume, errors, memory."""
+import collections
+import gc
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dali_pipes.config import DataConfig
+from dali_pipes.dataset import DatasetError, open_dataset
+from dali_pipes.loader import build_loader, shard_range
+from dali_pipes.pipelines import build_pipeline
+from dali_pipes.records import read_examples
+
+
+def _cfg(data_dir, **kw):
+    args = dict(path=str(data_dir), backend="dali-cpu", batch_size=16, num_threads=2, initial_fill=64, seed=5)
+    args.update(kw)
+    return DataConfig(**args)
+
+
+def _keys(meta):
+    return list(zip(meta["product_id"].tolist(), meta["image_index"].tolist()))
+
+
+def _fingerprint(batch):
+    """What identifies a train batch: its labels and a checksum of its pixels (crops and flips)."""
+    images, labels = batch
+    return labels.tolist(), round(float(images.double().sum()), 2)
+
+
+@pytest.fixture(scope="module")
+def records(data_dir):
+    """split -> [(product_id, image_index, label)] in file order."""
+    ds = open_dataset(str(data_dir))
+    return {s: [(r["product_id"], r["image_index"], r["label"]) for p in ds.shards(s)[0] for r in read_examples(p)]
+            for s in ("train", "val")}
+
+
+# ---- contract -----------------------------------------------------------------------------------------
+def test_train_epoch_contract(data_dir, records):
+    n = len(records["train"])
+    loader, spe = build_loader(_cfg(data_dir), 0, 1, "train")
+    assert spe == loader.steps_per_epoch == len(loader) == n // 16
+    assert loader.num_samples == spe * 16
+    ds = open_dataset(str(data_dir))
+    assert loader.category_ids == ds.category_ids and loader.num_classes == 8
+    for epoch in range(2):
+        batches = list(loader)
+        assert len(batches) == spe  # one `for` = one epoch
+        for images, labels in batches:
+            assert images.shape == (16, 3, 160, 160) and images.dtype == torch.float32
+            assert images.device.type == "cpu"
+            assert labels.shape == (16,) and labels.dtype == torch.int64
+            assert 0 <= int(labels.min()) and int(labels.max()) < 8
+        cfg = loader.cfg
+        pixels = batches[0][0] * torch.tensor(cfg.std).view(3, 1, 1) + torch.tensor(cfg.mean).view(3, 1, 1)
+        assert -0.01 < float(pixels.min()) and float(pixels.max()) < 255.01  # normalized with mean and std
+    assert loader.epoch == 2 and loader.step == 0
+
+
+def test_eval_epoch_every_record_once_with_its_label(data_dir, records):
+    """Eval: file order, all records once, last batch short, labels line up with product ids."""
+    want = records["val"]
+    loader, spe = build_loader(_cfg(data_dir), 0, 1, "val")
+    assert loader.num_samples == len(want) and spe == -(-len(want) // 16)
+    for _ in range(2):
+        got = []
+        sizes = []
+        for images, labels, meta in loader:
+            assert images.shape[1:] == (3, 160, 160)
+            sizes.append(len(labels))
+            got += [(p, i, lab) for (p, i), lab in zip(_keys(meta), labels.tolist())]
+        assert got == want
+        assert sizes[:-1] == [16] * (spe - 1) and sizes[-1] == len(want) - 16 * (spe - 1)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharding_eval_union_is_the_split_exactly_once(data_dir, records, world_size):
+    want = [(p, i) for p, i, _ in records["val"]]
+    seen = collections.Counter()
+    for rank in range(world_size):
+        loader, spe = build_loader(_cfg(data_dir), rank, world_size, "val")
+        mine = [k for _, _, meta in loader for k in _keys(meta)]
+        assert mine == want[shard_range(len(want), rank, world_size).start:shard_range(len(want), rank,
+                                                                                          world_size).stop]
+        assert len(mine) == loader.num_samples
+        seen.update(mine)
+    assert sorted(seen) == sorted(want) and max(seen.values()) == 1
+
+
+def _prints(images: torch.Tensor) -> list:
+    """Fingerprints of whole images that are the same whichever way an image was flipped: the pixel
+    sums of its rows (integers: the pixels are de-normalized and rounded first)."""
+    cfg = DataConfig()
+    pix = images.double() * torch.tensor(cfg.std).view(1, 3, 1, 1) + torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    return [r.numpy().tobytes() for r in pix.round().sum(3).to(torch.int64)]
+
+
+@pytest.fixture(scope="module")
+def whole_train_images(data_dir):
+    """Fingerprint -> (product_id, image_index, label) for every train record.
+
+    Tests below train with crop == image_size, where a random crop is the whole image: each train sample
+    can then be traced back to its record, whichever way it was flipped."""
+    ds = open_dataset(str(data_dir))
+    paths, idxs, counts = ds.shards("train")
+    pipe = build_pipeline(paths=paths, index_paths=idxs, tiled_k=0, train=False, decode_device="cpu",
+                          batch_size=64, num_threads=2, device_id=None, seed=1, prefetch=2, crop=180,
+                          image_size=180, mean=DataConfig().mean, std=DataConfig().std)
+    out = {}
+    while len(out) < sum(counts):
+        images, labels, pids, index = (torch.from_numpy(np.asarray(x.as_tensor())) for x in pipe.run())
+        for i, fp in enumerate(_prints(images)):
+            out[fp] = (int(pids[i]), int(index[i]), int(labels[i]))
+    assert len(out) == sum(counts)  # all images distinct
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharding_train_no_repeats_same_steps_labels_line_up(data_dir, records, whole_train_images, world_size):
+    """Train: every rank runs the same number of full batches; within an epoch no sample is seen twice
+    (over all ranks), at most batch_size per rank are left out, and every label is its image's label.
+    Two epochs: in the second each rank has moved on to another shard."""
+    bs = 32
+    cfg = _cfg(data_dir, crop=180, batch_size=bs)
+    n = len(records["train"])
+    loaders = [build_loader(cfg, rank, world_size, "train")[0] for rank in range(world_size)]
+    for epoch in range(2):
+        seen = collections.Counter()
+        for loader in loaders:
+            batches = list(loader)
+            assert len(batches) == (n // world_size) // bs == loader.steps_per_epoch
+            for images, labels in batches:
+                assert images.shape == (bs, 3, 180, 180)
+                for fp, lab in zip(_prints(images), labels.tolist()):
+                    pid, index, want = whole_train_images[fp]
+                    assert lab == want, (pid, index)
+                    seen[(pid, index)] += 1
+        assert max(seen.values()) == 1
+        assert n - world_size * bs <= len(seen) <= n
+
+
+def test_unlabelled_test_data_for_eval(test_data_dir):
+    ds = open_dataset(str(test_data_dir))
+    n = ds.num_records("test")
+    loader, spe = build_loader(_cfg(test_data_dir), 0, 1, "test", class_map=[1, 2, 3])
+    assert loader.category_ids == [1, 2, 3] and loader.num_classes == 3  # no classes.csv: the run's map
+    pids, labels = [], []
+    for images, lab, meta in loader:
+        pids += meta["product_id"].tolist()
+        labels += lab.tolist()
+    assert len(pids) == n and set(labels) == {-1}
+    with open(os.path.join(str(test_data_dir), "products.csv")) as f:
+        order = [int(line.split(",")[0]) for line in f.readlines()[1:]]
+    assert list(dict.fromkeys(pids)) == order  # products in file order, images together
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_tiled_loader(data_dir, k):
+    ds = open_dataset(str(data_dir))
+    want = [r["product_id"] for p in ds.shards("val", k)[0] for r in read_examples(p)]
+    loader, spe = build_loader(_cfg(data_dir, tiled_k=k, batch_size=4), 0, 1, "val")
+    got = []
+    for images, labels, meta in loader:
+        assert images.shape[1:] == ((3, 320, 320) if k == 4 else (3, 160, 160 * k))
+        assert set(meta["image_index"].tolist()) == {-1}
+        got += meta["product_id"].tolist()
+    assert got == want
+    train, spe = build_loader(_cfg(data_dir, tiled_k=k, batch_size=4), 0, 1, "train")
+    images, labels = next(iter(train))
+    assert images.shape[1:] == ((3, 320, 320) if k == 4 else (3, 160, 160 * k)) and labels.shape == (4,)
+
+
+def test_dtypes_layout_and_flip(data_dir):
+    plain = next(iter(build_loader(_cfg(data_dir), 0, 1, "val")[0]))[0]
+    flipped = next(iter(build_loader(_cfg(data_dir), 0, 1, "val", flip=True)[0]))[0]
+    assert torch.equal(flipped, plain.flip(3))  # TTA: the same images, mirrored
+    for dtype, tdtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        x = next(iter(build_loader(_cfg(data_dir, dtype=dtype), 0, 1, "val")[0]))[0]
+        assert x.dtype == tdtype
+        assert torch.allclose(x.float(), plain, atol=0.05)
+    nhwc = next(iter(build_loader(_cfg(data_dir, channels_last=True), 0, 1, "val")[0]))[0]
+    assert nhwc.shape == (16, 160, 160, 3)
+    assert torch.equal(nhwc.permute(0, 3, 1, 2), plain)
+    full = next(iter(build_loader(_cfg(data_dir, eval_crop=False), 0, 1, "val")[0]))[0]
+    assert full.shape == (16, 3, 180, 180) and torch.equal(full[:, :, 10:170, 10:170], plain)
+
+
+def test_eval_batch_larger_than_a_rank_share(data_dir, records):
+    """Eval accepts a batch bigger than a rank's share (one short batch); train refuses it."""
+    n = len(records["val"])
+    loader, spe = build_loader(_cfg(data_dir, batch_size=n), 1, 2, "val")
+    sizes = [len(lab) for _, lab, _ in loader]
+    assert spe == 1 and sizes == [len(shard_range(n, 1, 2))]
+
+
+# ---- resume ---------------------------------------------------------------------------------------------
+def _roundtrip(state):
+    """Through torch.save / torch.load(weights_only=True), as the trainer's checkpoint does."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_resume_mid_epoch_and_at_epoch_end(data_dir):
+    cfg = _cfg(data_dir)
+    ref_loader, spe = build_loader(cfg, 1, 2, "train")
+    ref = [[_fingerprint(b) for b in ref_loader] for _ in range(2)]
+
+    a, _ = build_loader(cfg, 1, 2, "train")
+    got = []
+    for i, b in enumerate(a):
+        got.append(_fingerprint(b))
+        if i == spe // 2:
+            break
+    state = _roundtrip(a.state())
+    assert state["epoch"] == 0 and state["step"] == spe // 2 + 1
+    del a
+    b, _ = build_loader(cfg, 1, 2, "train", state=state)
+    got += [_fingerprint(x) for x in b]
+    assert got == ref[0]  # same samples, crops and flips as the uninterrupted epoch
+    assert [_fingerprint(x) for x in b] == ref[1]
+
+    # The trainer saves right after the last batch, before the loop sees the end of the epoch.
+    c, _ = build_loader(cfg, 1, 2, "train")
+    for i, _x in enumerate(c):
+        if i == spe - 1:
+            break
+    state = _roundtrip(c.state())
+    assert (state["epoch"], state["step"]) == (1, 0)
+    d, _ = build_loader(cfg, 1, 2, "train", state=state)
+    assert [_fingerprint(x) for x in d] == ref[1]
+
+
+def test_resume_eval_mid_epoch(data_dir, records):
+    a, _ = build_loader(_cfg(data_dir), 0, 1, "val")
+    it = iter(a)
+    first = [k for k in _keys(next(it)[2])]
+    b, _ = build_loader(_cfg(data_dir), 0, 1, "val", state=_roundtrip(a.state()))
+    rest = [k for _, _, meta in b for k in _keys(meta)]
+    assert first + rest == [(p, i) for p, i, _ in records["val"]]
+
+
+def test_state_from_another_configuration_is_refused(data_dir):
+    cfg = _cfg(data_dir)
+    loader, _ = build_loader(cfg, 1, 2, "train")
+    next(iter(loader))
+    state = loader.state()
+    with pytest.raises(ValueError, match=r"data.batch_size: saved 16, now 8"):
+        build_loader(_cfg(data_dir, batch_size=8), 1, 2, "train", state=state)
+    with pytest.raises(ValueError, match=r"data.seed"):
+        build_loader(_cfg(data_dir, seed=6), 1, 2, "train", state=state)
+    with pytest.raises(ValueError, match=r"rank: saved 1, now 0"):
+        build_loader(cfg, 0, 2, "train", state=state)
+    with pytest.raises(ValueError, match=r"world_size: saved 2, now 3"):
+        build_loader(cfg, 1, 3, "train", state=state)
+    with pytest.raises(ValueError, match=r"split: saved 'train', now 'val'"):
+        build_loader(cfg, 1, 2, "val", state=state)
+    with pytest.raises(ValueError, match="not a state"):
+        build_loader(cfg, 1, 2, "train", state={"epoch": 0})
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def data_copy(data_dir, tmp_path):
+    dst = tmp_path / "DATA"
+    shutil.copytree(data_dir, dst)
+    return dst
+
+
+def test_error_no_manifest(data_copy):
+    os.remove(data_copy / "manifest.json")
+    with pytest.raises(DatasetError, match="manifest.json"):
+        build_loader(_cfg(data_copy), 0, 1, "train")
+
+
+def test_error_missing_and_stale_index(data_copy):
+    idx = sorted((data_copy / "train").glob("*.idx"))[0]
+    lines = idx.read_text().splitlines()
+    idx.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(DatasetError, match="stale index"):
+        build_loader(_cfg(data_copy), 0, 1, "train")
+    idx.unlink()
+    with pytest.raises(DatasetError, match="index file missing"):
+        build_loader(_cfg(data_copy), 0, 1, "train")
+
+
+def test_error_class_map_differs(data_dir):
+    ds = open_dataset(str(data_dir))
+    build_loader(_cfg(data_dir), 0, 1, "val", class_map=ds.category_ids)  # the same map is fine
+    with pytest.raises(DatasetError, match="class map differs"):
+        build_loader(_cfg(data_dir), 0, 1, "val", class_map=ds.category_ids[:-1])
+    with pytest.raises(DatasetError, match="class map differs"):
+        build_loader(_cfg(data_dir), 0, 1, "train", class_map=ds.category_ids[::-1])
+
+
+def test_error_batch_larger_than_shard_share(data_dir, records):
+    n = len(records["train"])
+    with pytest.raises(ValueError, match=r"fewer than data.batch_size=.*lower data.batch_size"):
+        build_loader(_cfg(data_dir, batch_size=n // 2 + 1), 0, 2, "train")
+    with pytest.raises(ValueError, match="run fewer processes"):
+        build_loader(_cfg(data_dir), 0, len(records["val"]) + 1, "val")
+
+
+def test_error_gpu_backend_without_cuda(data_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="use data.backend=dali-cpu"):
+        build_loader(_cfg(data_dir, backend="dali-gpu"), 0, 1, "train")
+
+
+def test_error_bad_rank_and_split(data_dir):
+    with pytest.raises(ValueError, match="rank 2"):
+        build_loader(_cfg(data_dir), 2, 2, "train")
+    with pytest.raises(DatasetError, match="no split 'nope'"):
+        build_loader(_cfg(data_dir), 0, 1, "nope")
+
+
+# ---- synthetic --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels_last,dtype", [(False, "float32"), (True, "bfloat16")])
+def test_synthetic_backend(channels_last, dtype):
+    cfg = DataConfig(backend="synthetic", batch_size=4, crop=32, image_size=40, synthetic_num_classes=10,
+                     synthetic_steps=3, channels_last=channels_last, dtype=dtype)
+    loader, spe = build_loader(cfg, 0, 1, "train", device=torch.device("cpu"))
+    assert spe == 3 and loader.num_classes == 10 and loader.num_samples == 12
+    batches = list(loader)
+    assert len(batches) == 3 and len(list(loader)) == 3
+    images, labels = batches[0]
+    assert images.shape == ((4, 32, 32, 3) if channels_last else (4, 3, 32, 32))
+    assert images.dtype == getattr(torch, dtype) and labels.dtype == torch.int64
+    assert int(labels.max()) < 10 and batches[1][0] is images  # made once, reused
+    state = loader.state()
+    assert build_loader(cfg, 0, 1, "train", state=state)[0].epoch == 2
+    images, labels, meta = next(iter(build_loader(cfg, 0, 1, "val")[0]))
+    assert meta["product_id"].shape == (4,)
+
+
+# ---- memory -----------------------------------------------------------------------------------------------
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def test_rss_does_not_grow_over_epochs(data_dir):
+    loader, spe = build_loader(_cfg(data_dir, batch_size=32), 0, 1, "train")
+    for _ in range(2):  # warm up: pools and buffers reach their size
+        for _b in loader:
+            pass
+    gc.collect()
+    before = _rss_mb()
+    for _ in range(6):
+        for images, labels in loader:
+            float(images[0, 0, 0, 0])
+    gc.collect()
+    after = _rss_mb()
+    assert after < before * 1.03 + 8, f"RSS {before:.0f} MB -> {after:.0f} MB over 6 epochs"

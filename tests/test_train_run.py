@@ -1,0 +1,222 @@
+"""The trainer end to end on generated data: real TFRecords, real DALI (CPU), real torch training.
+
+- the demo recipe learns the generated set and writes checkpoints, metrics and the curves PNG;
+- DDP with 2 processes (gloo, dali-cpu): disjoint data per rank, identical parameters after several steps;
+- a run killed with SIGKILL mid-epoch and started again ends bit-equal to an uninterrupted run;
+- refusals (another model's checkpoint), the early-stop rule and a non-finite loss end runs with clear messages.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from train import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_SH = os.path.join(ROOT, "train", "run.sh")
+# Small and fast: the tiny model on 64 crops, 8 per batch, 1.5 epochs (ends mid-epoch), deterministic.
+SMALL = ["data.crop=64", "data.batch_size=8", "data.num_threads=1", "train.epochs=1.5", "train.deterministic=true",
+         "optim.warmup_epochs=0.1", "early_stop.after_epoch=null", "train.tensorboard=false"]
+
+
+def env(threads=1):
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(threads))
+    e.pop("TRAIN_STATUS_FILE", None)
+    return e
+
+
+def run_sh(*args, timeout=600, check=True, threads=1):
+    p = subprocess.run([RUN_SH, *map(str, args)], cwd=ROOT, env=env(threads), capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"run.sh {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def records(run, kind):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+# ---- the demo recipe ------------------------------------------------------------------------------------
+DEMO_MIN_PRODUCT_ACC = 0.5  # chance is 1/20 = 0.05; measured: see test_demo_recipe_learns_the_generated_data
+
+
+def test_demo_recipe_learns_the_generated_data(demo_data_dir, tmp_path):
+    run = tmp_path / "demo"
+    p = run_sh("demo", "--data", demo_data_dir, "--out", run, threads=2)
+    val = records(run, "val")
+    assert val, p.stdout
+    final = val[-1]
+    assert final["product_acc"] >= DEMO_MIN_PRODUCT_ACC, p.stdout
+    assert final["image_acc"] >= DEMO_MIN_PRODUCT_ACC - 0.1
+    assert final["products"] == json.load(open(os.path.join(demo_data_dir, "manifest.json")))["splits"]["val"]["products"]
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "config.yaml"):
+        assert (run / name).stat().st_size > 0, name
+    assert open(run / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    last = checkpoint.load(str(run / "last.pt"))
+    best = checkpoint.load(str(run / "best.pt"))
+    assert last["status"] == "finished" and last["step"] == round(4 * last["steps_per_epoch"])
+    assert best["best"]["metric"] == max(v["product_acc"] for v in val)
+    assert len(last["category_ids"]) == 20 and last["config"]["model"]["name"] == "tiny"
+    train = records(run, "train")
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert all(0 <= r["data_wait"] < 1 and r["images_per_s"] > 0 for r in train)
+    # the progress line as the user sees it
+    assert "img/s data" in p.stdout and "eta" in p.stdout
+    # a second run of the same command finds the run done
+    again = run_sh("demo", "--data", demo_data_dir, "--out", run, threads=2)
+    assert "already done" in again.stdout
+
+
+# ---- resume ---------------------------------------------------------------------------------------------
+def _last_step(run):
+    try:
+        return checkpoint.load(os.path.join(run, "last.pt"))["step"]
+    except checkpoint.CheckpointError:
+        return -1
+
+
+def _run_and_kill(args, run, after_ckpt_step, min_logged_step, timeout=300):
+    """Start run.sh; SIGKILL its whole process group once last.pt is at or past ``after_ckpt_step`` and
+    metrics.jsonl shows ``min_logged_step`` (steps after that checkpoint that the resumed run must redo)."""
+    proc = subprocess.Popen([RUN_SH, *map(str, args)], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while True:
+            assert proc.poll() is None, "the run ended before it was killed:\n" + proc.stdout.read()
+            assert time.time() < deadline, "the run never got far enough"
+            logged = [r["step"] for r in records(run, "train")] if os.path.exists(run / "metrics.jsonl") else []
+            if logged and max(logged) >= min_logged_step and _last_step(run) >= after_ckpt_step:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_sigkilled_run_resumes_bit_exact(data_dir, tmp_path):
+    common = ["--data", data_dir, *SMALL, "train.log_every=1", "train.ckpt_every_steps=10"]
+    full = tmp_path / "full"
+    run_sh("demo", "--out", full, *common)
+    ref = checkpoint.load(str(full / "last.pt"))
+    spe, total = ref["steps_per_epoch"], ref["step"]
+    assert total == round(1.5 * spe) and total % spe  # ends mid-epoch
+
+    run = tmp_path / "killed"
+    args = ["demo", "--out", run, *common]
+    _run_and_kill(args, run, after_ckpt_step=10, min_logged_step=13)  # killed mid-epoch 1, 3+ steps past last.pt
+    first = _last_step(run)
+    assert 0 < first < spe
+    _run_and_kill(args, run, after_ckpt_step=spe + 1, min_logged_step=spe + 3)  # again in epoch 2
+    assert spe < _last_step(run) < total
+    p = run_sh(*args)
+    assert p.stdout.startswith("resuming at step") or "resuming at step" in p.stdout
+
+    got = checkpoint.load(str(run / "last.pt"))
+    assert got["step"] == total and got["status"] == "finished"
+    for key, value in ref["model"].items():
+        assert torch.equal(got["model"][key], value), key
+    for pid, st in ref["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(got["optimizer"]["state"][pid][k], v), (pid, k)
+    # the log of the resumed run has each step once, as the uninterrupted one
+    steps = [r["step"] for r in records(run, "train")]
+    assert steps == sorted(set(steps)) == [r["step"] for r in records(full, "train")]
+    assert records(run, "val")[-1]["product_acc"] == records(full, "val")[-1]["product_acc"]
+
+    # The same RUN with another model: refused, naming both.
+    p = run_sh(*args, "model.name=resnet10t", check=False)
+    assert p.returncode != 0
+    assert "holds model tiny" in p.stderr + p.stdout and "resnet10t" in p.stderr + p.stdout
+
+
+# ---- DDP ------------------------------------------------------------------------------------------------
+# Runs the real Trainer under torchrun and records what each rank trained on. With crop = image size the
+# "random crop" is the whole image, and a flip does not change a picture's pixel sum, so the sum identifies
+# the sample.
+_PROBE = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from train.config import load_config
+    from train.distributed import cleanup, setup
+    from train.train import Trainer
+    data, run, out, *overrides = sys.argv[1:]
+    cfg = load_config("demo", overrides)
+    cfg.data.path = data
+    d = setup()
+    tr = Trainer(cfg, run, d)
+    seen = []
+    step = tr.train_step
+    def recording_step(images, labels):
+        seen.append([round(v, 2) for v in images.double().flatten(1).sum(1).tolist()])
+        return step(images, labels)
+    tr.train_step = recording_step
+    init = torch.cat([p.detach().flatten().clone() for p in tr.raw.parameters()])
+    rc = tr.fit()
+    flat = torch.cat([p.detach().flatten() for p in tr.raw.parameters()])
+    every = [torch.empty_like(flat) for _ in range(d.world_size)]
+    dist.all_gather(every, flat)
+    seen_all = [None] * d.world_size
+    dist.all_gather_object(seen_all, seen)
+    if d.rank == 0:
+        json.dump({"rc": rc, "params_equal": all(torch.equal(every[0], p) for p in every),
+                   "changed": float((every[0] - init).abs().max()), "seen": seen_all}, open(out, "w"))
+    tr.close()
+    cleanup()
+""")
+
+
+def test_ddp_two_processes_disjoint_data_identical_parameters(data_dir, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(_PROBE)
+    out, run = tmp_path / "ddp.json", tmp_path / "run"
+    steps, batch = 6, 4
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(probe), str(data_dir), str(run), str(out), "data.crop=180", f"data.batch_size={batch}",
+                        "data.num_threads=1", f"train.max_steps={steps}", "train.log_every=1",
+                        "train.ckpt_every_steps=3", "train.tensorboard=false", "early_stop.after_epoch=null"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.load(open(out))
+    assert r["rc"] == 0
+    assert r["params_equal"] and r["changed"] > 0  # trained, and the same on both ranks, bit for bit
+    rank0, rank1 = ([v for batch_ in s for v in batch_] for s in r["seen"])
+    assert len(rank0) == len(rank1) == steps * batch
+    assert len(set(rank0)) == len(rank0) and len(set(rank1)) == len(rank1)
+    assert not set(rank0) & set(rank1), "the ranks trained on the same images"
+    # only rank 0 prints: one progress line per step
+    assert sum(line.startswith("epoch ") for line in p.stdout.splitlines()) == steps
+    ck = checkpoint.load(str(run / "last.pt"))
+    assert ck["world_size"] == 2 and len(ck["loader_states"]) == len(ck["rng"]) == 2
+    assert [s["rank"] for s in ck["loader_states"]] == [0, 1]
+
+
+# ---- early stop, non-finite loss ------------------------------------------------------------------------
+def test_early_stop_rule_and_nonfinite_loss_end_the_run(data_dir, tmp_path):
+    run = tmp_path / "stop"
+    p = run_sh("demo", "--data", data_dir, "--out", run, *SMALL, "train.val_every_steps=4",
+               "early_stop.after_epoch=0.05", "early_stop.min_val_acc=1.01", check=False)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "early stop: val product_acc" in p.stdout and "not going anywhere" in p.stdout
+    assert "Traceback" not in p.stderr  # a designed end, not a crash
+    assert checkpoint.load(str(run / "last.pt"))["status"] == "early_stopped"
+    assert (run / "curves.png").exists()
+    p = run_sh("demo", "--data", data_dir, "--out", run, *SMALL, "train.val_every_steps=4",
+               "early_stop.after_epoch=0.05", "early_stop.min_val_acc=1.01", check=False)
+    assert p.returncode == 3 and "stopped early" in p.stdout
+
+    run = tmp_path / "nan"
+    p = subprocess.run([sys.executable, "-m", "train.train", "--config", "demo", "--data", str(data_dir), "--out",
+                        str(run), *SMALL, "optim.lr_schedule=[[0, 1.0e+30]]", "train.log_every=1"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "the loss is not finite at step" in p.stderr
+    assert not (run / "last.pt").exists()  # nothing written after the loss went bad
