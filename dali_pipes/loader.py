@@ -21,11 +21,11 @@ Backends ``dali-gpu`` (decode and augment on the GPU), ``dali-cpu`` (all on the 
 Last batch. Shards are cut from the split's records as DALI does (rank r reads records
 floor(r*N/W) .. floor((r+1)*N/W)) and padded to equal length with copies of their last record.
 Train drops the incomplete last batch of each epoch: every rank runs the same ``(N // W) // batch_size``
-steps (DDP needs that), no sample is repeated within an epoch and fewer than ``batch_size`` per rank
-are left out; each epoch a rank moves on to the next shard and reshuffles, so a different few are left
-out. Evaluation drops the padding copies: over an epoch a rank yields each record of its shard exactly
-once, the last batch may be shorter, and ranks may yield different numbers of batches (at most one
-apart), so no collective may run inside an eval loop.
+steps (DDP needs that), no sample is repeated within an epoch and at most ``batch_size`` per rank are
+left out; each epoch a rank moves on to the next shard and reshuffles, so a different few are left out.
+Evaluation drops the padding copies: over an epoch a rank yields each record of its shard exactly once,
+the last batch may be shorter (a batch larger than the shard is fine: one short batch), and ranks may
+yield different numbers of batches (at most one apart), so no collective may run inside an eval loop.
 
 Resume. ``loader.state()`` between batches (or at epoch end) returns a plain dict (str, int, bytes, list,
 dict only: safe for ``torch.load(weights_only=True)``) with this rank's DALI checkpoint (reader position,
@@ -43,7 +43,7 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 
 from .config import DataConfig, resolve_backend
-from .dataset import check_class_map, open_dataset
+from .dataset import DatasetError, check_class_map, open_dataset
 
 STATE_VERSION = 1
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,8 +78,10 @@ class _Loader:
         return self.steps_per_epoch
 
     def _identity(self) -> dict:
-        return {"signature": self.cfg.pipeline_signature(), "world_size": self.world_size, "rank": self.rank,
-                "split": self.split, "flip": self.flip, "num_records": self.num_records}
+        # The backend too: a DALI checkpoint names the graph's operators, and the GPU graph differs.
+        return {"signature": self.cfg.pipeline_signature(), "backend": self.cfg.backend,
+                "world_size": self.world_size, "rank": self.rank, "split": self.split, "flip": self.flip,
+                "num_records": self.num_records}
 
     def _state(self, **extra) -> dict:
         return {"version": STATE_VERSION, **self._identity(), "epoch": self.epoch, "step": self.step, **extra}
@@ -122,17 +124,15 @@ class DaliLoader(_Loader):
         paths, idxs, counts = ds.shards(split, cfg.tiled_k)  # checks every .idx against its shard
         what = f"{cfg.path} split {split!r}" + (f" (products with K={cfg.tiled_k} images)" if cfg.tiled_k else "")
         n = self.num_records = sum(counts)
-        if n == 0:
-            raise ValueError(f"{what} holds no records")
         share = len(shard_range(n, rank, world_size))
-        # Train needs one full batch per rank (it drops incomplete ones); eval handles any short shard but
-        # not an empty one.
-        need = cfg.batch_size if self.train else 1
-        if n // world_size < need:
+        # Train needs a full batch per rank (it drops incomplete ones); eval takes any shard but an empty one.
+        if n // world_size == 0:
+            raise DatasetError(f"{what} holds {n} records, fewer than the {world_size} process(es) reading it"
+                               + ("" if n else "; repack with a larger --val-fraction or skip this split"))
+        if self.train and n // world_size < cfg.batch_size:
             raise ValueError(f"{what}: {n} records over {world_size} process(es) leave {n // world_size} per "
-                             f"process, fewer than " + (f"data.batch_size={cfg.batch_size}; lower data.batch_size"
-                                                        if self.train else "one; run fewer processes") +
-                             (" or run fewer processes" if self.train else ""))
+                             f"process, fewer than data.batch_size={cfg.batch_size}; lower data.batch_size or "
+                             "run fewer processes")
         if self.train:
             self.steps_per_epoch = (n // world_size) // cfg.batch_size
             self.num_samples = self.steps_per_epoch * cfg.batch_size
@@ -143,23 +143,31 @@ class DaliLoader(_Loader):
             self._check_state(state)
 
         if gpu:
-            device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+            device = torch.device("cuda") if device is None else torch.device(device)
             if device.type != "cuda":
                 raise ValueError(f"data.backend=dali-gpu puts batches on a CUDA device, not {device}")
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
         self.device = None if device is None else torch.device(device)
         self.tiled = bool(cfg.tiled_k)
         self.out_dtype = _TORCH_DTYPES[cfg.dtype]
-        self.pipe = build_pipeline(
-            paths=paths, index_paths=idxs, tiled_k=cfg.tiled_k, train=self.train,
-            decode_device="mixed" if gpu else "cpu", batch_size=cfg.batch_size, num_threads=cfg.num_threads,
-            device_id=self.device.index if gpu else None, seed=(cfg.seed + 1_000_003 * rank) % (1 << 31),
-            prefetch=cfg.prefetch, crop=cfg.crop, image_size=cfg.image_size, eval_crop=cfg.eval_crop, flip=flip,
-            mean=cfg.mean, std=cfg.std, dtype=cfg.dtype, channels_last=cfg.channels_last, shard_id=rank,
-            num_shards=world_size, initial_fill=cfg.initial_fill, hw_decoder_load=cfg.hw_decoder_load,
-            checkpoint=state["dali"] if state is not None else None)
-        self.it = DALIGenericIterator(
-            self.pipe, output_names(cfg.tiled_k), reader_name=READER, auto_reset=True,
-            last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
+        try:
+            self.pipe = build_pipeline(
+                paths=paths, index_paths=idxs, tiled_k=cfg.tiled_k, train=self.train,
+                decode_device="mixed" if gpu else "cpu", batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+                device_id=self.device.index if gpu else None, seed=(cfg.seed + 1_000_003 * rank) % (1 << 31),
+                prefetch=cfg.prefetch, crop=cfg.crop, image_size=cfg.image_size, eval_crop=cfg.eval_crop, flip=flip,
+                mean=cfg.mean, std=cfg.std, dtype=cfg.dtype, channels_last=cfg.channels_last, shard_id=rank,
+                num_shards=world_size, initial_fill=cfg.initial_fill, hw_decoder_load=cfg.hw_decoder_load,
+                checkpoint=state["dali"] if state is not None else None)
+            self.it = DALIGenericIterator(
+                self.pipe, output_names(cfg.tiled_k), reader_name=READER, auto_reset=True,
+                last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
+        except RuntimeError as e:
+            if state is None:
+                raise
+            raise ValueError(f"loader state does not fit this pipeline (DALI: {str(e).splitlines()[0]}); it comes "
+                             "from another version of the code or of DALI: start the epoch afresh without it") from e
 
     def state(self) -> dict:
         return self._state(dali=bytes(self.it.checkpoints()[0]))

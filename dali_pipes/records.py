@@ -250,9 +250,10 @@ def _index_text(sizes: List[int]) -> str:
     return ("%d %d\n" * len(sizes)) % tuple(itertools.chain.from_iterable(zip(offsets, sizes)))
 
 
-# Per first bytes-feature key: (first blob's length << 8 | length of the ints) -> (lead, CRC of its payload
-# part), where the lead is everything of an image record before the image. Shared by all writers of a process.
-_LEADS: Dict[bytes, Dict[int, Tuple[bytes, int]]] = {}
+# Per first bytes-feature key: (length of the ints << 32 | the blob's length) -> (lead, CRC of its payload
+# part, frame size less the blob), where the lead is everything of a one-blob record before the blob.
+# Shared by all writers of a process: image records repeat a few thousand sizes.
+_LEADS: Dict[bytes, Dict[int, Tuple[bytes, int, int]]] = {}
 
 
 class ShardWriter:
@@ -317,31 +318,29 @@ class ShardWriter:
         """``write_fields((blob,), ints)`` for a schema with one bytes feature: the image records' hot path."""
         if len(self._blob_keys) != 1:
             raise ValueError(f"write_one needs a schema with one leading bytes feature for {self.path}")
-        n, after = len(blob), len(ints)
-        hit = self._leads.get(n << 8 | after) if after < 256 else None
-        lead, crc = hit or self._lead(n, after)
+        n = len(blob)
+        key = len(ints) << 32 | n  # the ints are a few dozen bytes, an image far less than 4 GiB
+        lead, crc, overhead = self._leads.get(key) or self._memo_lead(key, n, len(ints))
         crc = _crc(ints, _crc(blob, crc))
-        pending = self._pending
-        pending.append(lead)
-        pending.append(blob)
-        pending.append(ints + _PACK_U32((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF))  # _mask
-        size = len(lead) + n + after + 4
-        self._sizes.append(size)
-        self.offset += size
-        if len(pending) >= _FLUSH_PIECES:
+        self._pending += (lead, blob, ints + _PACK_U32((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF))
+        self._sizes.append(overhead + n)
+        self.offset += overhead + n
+        if len(self._pending) >= _FLUSH_PIECES:
             self._flush()
 
     def _lead(self, n: int, after: int) -> Tuple[bytes, int]:
         """Everything of a record before its first blob (``n`` bytes, followed by ``after`` more payload
-        bytes): frame header, Example header and the blob's prefix; and the CRC of its payload part. Memoized
-        for image records (small ``after``)."""
+        bytes): frame header, Example header and the blob's prefix; and the CRC of its payload part."""
         prefix = _bytes_prefix(self._blob_keys[0], n)
         head, crc = _payload_head(len(prefix) + n + after)
-        out = (head + prefix, _crc(prefix, crc))
-        if after < 256:
-            if len(self._leads) >= _MAX_MEMO:
-                self._leads.clear()
-            self._leads[n << 8 | after] = out
+        return head + prefix, _crc(prefix, crc)
+
+    def _memo_lead(self, key: int, n: int, after: int) -> Tuple[bytes, int, int]:
+        """``_lead`` plus the frame's size less the blob, memoized for ``write_one``."""
+        lead, crc = self._lead(n, after)
+        if len(self._leads) >= _MAX_MEMO:
+            self._leads.clear()
+        out = self._leads[key] = (lead, crc, len(lead) + after + 4)
         return out
 
     def _added(self, size: int) -> None:

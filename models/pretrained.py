@@ -96,9 +96,9 @@ def load_pretrained(model: nn.Module, path: str | Path, skip=()) -> dict:
         else:
             chosen[key] = value
     # BatchNorm's num_batches_tracked is a counter that older checkpoints lack; it changes no output
-    report["missing"] = [k for k in target if k not in source and not _is_skipped(k, skip)
-                         and not k.endswith("num_batches_tracked")]
-    report["skipped"] += [k for k in target if k not in source and _is_skipped(k, skip)]
+    absent = [k for k in target if k not in source and not k.endswith("num_batches_tracked")]
+    report["missing"] = [k for k in absent if not _is_skipped(k, skip)]
+    report["skipped"] += [k for k in absent if _is_skipped(k, skip)]
     if not chosen:
         raise ValueError(f"{path}: none of its {len(source)} tensors fits {type(model).__name__} "
                          f"(checkpoint modules: {_modules_of(source)}); wrong file or wrong model?")

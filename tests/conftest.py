@@ -67,15 +67,34 @@ def test_data_dir(synthetic_dir, tmp_path_factory):
 DEMO_PRODUCTS, DEMO_CATEGORIES, DEMO_SEED = 2000, 20, 0
 
 
+def demo_raw_dir(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "demo_synthetic"
+
+
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory):
     """The set `make demo` trains on: 2,000 products in 20 categories, repacked with val fraction 0.1."""
     from tools import make_synthetic, repack
 
-    raw = tmp_path_factory.mktemp("demo_synthetic")
-    assert make_synthetic.main(["--out", str(raw), "--products", str(DEMO_PRODUCTS), "--test-products", "0",
+    raw = demo_raw_dir(tmp_path_factory)
+    assert make_synthetic.main(["--out", str(raw), "--products", str(DEMO_PRODUCTS), "--test-products", "300",
                                 "--categories", str(DEMO_CATEGORIES), "--seed", str(DEMO_SEED)]) == 0
     out = tmp_path_factory.mktemp("demo_data") / "DATA"
     assert repack.main(["--bson", str(raw / "train.bson"), "--categories", str(raw / "category_names.csv"),
                         "--out", str(out), "--val-fraction", "0.1", "--workers", "1", "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_demo(demo_data_dir, tmp_path_factory):
+    """`train/run.sh demo` on the demo set, run once per session: the predictor's tests use its best.pt."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path_factory.mktemp("demo_run") / "RUN"
+    r = subprocess.run(["bash", "train/run.sh", "demo", "--data", str(demo_data_dir), "--out", str(run)],
+                       cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {"raw": demo_raw_dir(tmp_path_factory), "data": demo_data_dir, "run": run,
+            "ckpt": str(run / "best.pt"), "stdout": r.stdout}

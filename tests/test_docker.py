@@ -45,9 +45,9 @@ def test_readme_commands_exist_with_their_flags():
             assert os.path.isfile(os.path.join(ROOT, "train/configs", cmd[1] + ".yaml")), cmd
             overrides = [a for a in cmd[2:] if "=" in a and not a.startswith("-")]
             for o in overrides:  # the keys must be real config keys
-                from train.config import apply_overrides, from_dict
+                from train.config import Config, apply_override
 
-                from_dict(apply_overrides({}, [o.split("=")[0] + "=/x"]))
+                apply_override(Config(), o.split("=")[0] + "=/x")
             continue
         assert cmd[:2] == ["python", "-m"], cmd
         module, args = cmd[2], cmd[3:]

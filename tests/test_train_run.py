@@ -62,7 +62,7 @@ def test_demo_recipe_learns_the_generated_data(demo_data_dir, tmp_path):
     assert open(run / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     last = checkpoint.load(str(run / "last.pt"))
     best = checkpoint.load(str(run / "best.pt"))
-    assert last["status"] == "finished" and last["step"] == round(4 * last["steps_per_epoch"])
+    assert last["status"] == "finished" and last["step"] == round(2 * last["steps_per_epoch"])
     assert best["best"]["metric"] == max(v["product_acc"] for v in val)
     assert len(last["category_ids"]) == 20 and last["config"]["model"]["name"] == "tiny"
     train = records(run, "train")

@@ -77,6 +77,13 @@ class Trainer:
         if cfg.data.backend == "dali-gpu" and self.dev.type != "cuda":
             cfg.data.backend = "dali-cpu"  # same command everywhere: decode on the CPU without a GPU
             self.note("no GPU here: data.backend dali-gpu -> dali-cpu")
+        if d.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+            stale = checkpoint.remove_stale_temps(run_dir)
+            if stale:
+                self.note(f"removed {len(stale)} unfinished checkpoint write(s): {', '.join(stale)}")
+            _write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
+        barrier(d)
 
         # The checkpoint to resume from, if this RUN has one (every rank reads it: RUN is shared storage).
         path = os.path.join(run_dir, LAST)
@@ -405,13 +412,6 @@ def main(argv=None) -> int:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         run_dir = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
         d = setup()
-        if d.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            stale = checkpoint.remove_stale_temps(run_dir)
-            if stale:
-                print(f"note: removed {len(stale)} unfinished checkpoint write(s): {', '.join(stale)}", flush=True)
-            _write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
-        barrier(d)
         trainer = Trainer(cfg, run_dir, d)
         return trainer.fit()
     except (ValueError, DatasetError, checkpoint.CheckpointError) as e:  # ConfigError is a ValueError
