@@ -59,13 +59,13 @@ def _varint_slow(n: int) -> bytes:
     return bytes(out)
 
 
-# Lengths of ~5 kB images, labels and image indices all fall in the table: one list lookup each.
-_VARINTS = [_varint_slow(i) for i in range(1 << 16)]
-
-
-# The low 14 bits of a larger number as the first two bytes of its varint: product ids (< 2**30) take two
-# lookups instead of a Python loop.
+# The low 14 bits of a number of 2**14 or more as the first two bytes of its varint: product ids (< 2**30)
+# take two lookups instead of a Python loop.
 _LOW14 = [bytes(((i & 0x7F) | 0x80, (i >> 7) | 0x80)) for i in range(1 << 14)]
+# Lengths of ~5 kB images, labels and image indices all fall in the table: one list lookup each.
+_VARINTS = ([bytes((i,)) for i in range(1 << 7)]
+            + [bytes(((i & 0x7F) | 0x80, i >> 7)) for i in range(1 << 7, 1 << 14)]
+            + [_LOW14[i & 0x3FFF] + bytes((i >> 14,)) for i in range(1 << 14, 1 << 16)])
 
 
 def _varint(n: int) -> bytes:
@@ -295,8 +295,11 @@ class ShardWriter:
         (which lead the schema) in schema order, ``ints`` the ``int_feature(name, value)`` of each int feature
         joined in schema order. Blobs must be ``bytes``: they are kept, not copied, until written."""
         keys = self._blob_keys
-        if len(blobs) != len(keys) or not keys:
-            raise ValueError(f"write_fields needs {len(keys)} leading bytes features for {self.path}")
+        if not keys:
+            raise ValueError(f"write_fields needs a schema whose bytes features come first; {self.path} has "
+                             f"{list(self.schema.items())}")
+        if len(blobs) != len(keys):
+            raise ValueError(f"write_fields needs {len(keys)} blobs for {self.path}, not {len(blobs)}")
         if len(keys) == 1:
             self.write_one(blobs[0], ints)
             return
@@ -322,7 +325,8 @@ class ShardWriter:
         key = len(ints) << 32 | n  # the ints are a few dozen bytes, an image far less than 4 GiB
         lead, crc, overhead = self._leads.get(key) or self._memo_lead(key, n, len(ints))
         crc = _crc(ints, _crc(blob, crc))
-        self._pending += (lead, blob, ints + _PACK_U32((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF))
+        masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF  # _mask, inlined on the hot path
+        self._pending += (lead, blob, ints + _PACK_U32(masked))
         self._sizes.append(overhead + n)
         self.offset += overhead + n
         if len(self._pending) >= _FLUSH_PIECES:

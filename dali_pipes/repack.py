@@ -210,11 +210,12 @@ def _position_ints(k: int, end: int) -> List[bytes]:
     return [int_feature("image_index", j) + int_feature("num_images", k) for j in range(end)]
 
 
-# write_fields takes the encoded int features in schema order; the writing code below assumes this order.
-if ([n for n, kind in IMAGE_FEATURES.items() if kind == "int64"] != ["label", "product_id", "image_index",
-                                                                      "num_images"]
-        or [n for n, kind in product_features(1).items() if kind == "int64"] != ["label", "product_id"]):
-    raise ImportError("dali_pipes.repack writes the int features in a fixed order; update it with the schema")
+# write_one/write_fields take the int features encoded in schema order, which _process_chunk hard-codes:
+# fail at import rather than write wrong records if the schema changes.
+_IMAGE_INTS = [name for name, kind in IMAGE_FEATURES.items() if kind == "int64"]
+_PRODUCT_INTS = [name for name, kind in product_features(1).items() if kind == "int64"]
+if _IMAGE_INTS != ["label", "product_id", "image_index", "num_images"] or _PRODUCT_INTS != ["label", "product_id"]:
+    raise RuntimeError("dali_pipes.repack encodes the int features in a fixed order; update it with the schema")
 
 
 class _ChunkWriters:

@@ -365,8 +365,7 @@ def test_channels_last_and_compile_match_eager(tmp_path):
 
 # --- GPU: torch.compile (inductor) + channels_last + bf16 autocast, every model ---------------------------
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
 @pytest.mark.parametrize("name", list_models())
 def test_compile_channels_last_bf16_on_gpu(name):
     torch.manual_seed(0)
