@@ -216,11 +216,14 @@ class DaliLoader(_Loader):
 class SyntheticLoader(_Loader):
     """The same batch every step, made once on ``device``: the model's speed without any input cost."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, flip):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip):
         super().__init__(cfg, rank, world_size, split, flip)
         device = torch.device("cpu") if device is None else torch.device(device)
         self.num_classes = cfg.synthetic_num_classes
-        self.category_ids = list(range(self.num_classes))
+        self.category_ids = list(range(self.num_classes))  # stand-ins: there is no classes.csv
+        if class_map is not None:
+            check_class_map(class_map, self.category_ids, f"synthetic data ({self.num_classes} classes) vs the "
+                            "run's class map")
         self.steps_per_epoch = cfg.synthetic_steps
         self.num_samples = self.num_records = cfg.synthetic_steps * cfg.batch_size
         if state is not None:
@@ -254,7 +257,7 @@ def build_loader(cfg: DataConfig, rank: int, world_size: int, split: str, device
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     if resolve_backend(cfg.backend) == "synthetic":
-        loader = SyntheticLoader(cfg, rank, world_size, split, device, state, flip)
+        loader = SyntheticLoader(cfg, rank, world_size, split, device, state, class_map, flip)
     else:
         loader = DaliLoader(cfg, rank, world_size, split, device, state, class_map, flip)
     return loader, loader.steps_per_epoch

@@ -85,8 +85,8 @@ def test_sharding_eval_union_is_the_split_exactly_once(data_dir, records, world_
     for rank in range(world_size):
         loader, spe = build_loader(_cfg(data_dir), rank, world_size, "val")
         mine = [k for _, _, meta in loader for k in _keys(meta)]
-        assert mine == want[shard_range(len(want), rank, world_size).start:shard_range(len(want), rank,
-                                                                                          world_size).stop]
+        shard = shard_range(len(want), rank, world_size)
+        assert mine == want[shard.start:shard.stop]  # a contiguous slice, in file order
         assert len(mine) == loader.num_samples
         seen.update(mine)
     assert sorted(seen) == sorted(want) and max(seen.values()) == 1
@@ -129,19 +129,26 @@ def test_sharding_train_no_repeats_same_steps_labels_line_up(data_dir, records, 
     cfg = _cfg(data_dir, crop=180, batch_size=bs)
     n = len(records["train"])
     loaders = [build_loader(cfg, rank, world_size, "train")[0] for rank in range(world_size)]
+    sets = []  # [epoch][rank] -> samples
     for epoch in range(2):
         seen = collections.Counter()
+        sets.append([])
         for loader in loaders:
             batches = list(loader)
             assert len(batches) == (n // world_size) // bs == loader.steps_per_epoch
+            sets[-1].append(set())
             for images, labels in batches:
                 assert images.shape == (bs, 3, 180, 180)
                 for fp, lab in zip(_prints(images), labels.tolist()):
                     pid, index, want = whole_train_images[fp]
                     assert lab == want, (pid, index)
                     seen[(pid, index)] += 1
+                    sets[-1][-1].add((pid, index))
         assert max(seen.values()) == 1
         assert n - world_size * bs <= len(seen) <= n
+    for rank in range(world_size):  # epoch 1: rank r reads what rank r+1 read in epoch 0
+        nxt = sets[0][(rank + 1) % world_size]
+        assert len(sets[1][rank] & nxt) >= len(nxt) - 2 * bs
 
 
 def test_unlabelled_test_data_for_eval(test_data_dir):
