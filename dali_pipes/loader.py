@@ -14,7 +14,8 @@ Backends ``dali-gpu`` (decode and augment on the GPU), ``dali-cpu`` (all on the 
 * Images: ``(N, 3, H, W)`` or, with ``cfg.channels_last``, ``(N, H, W, 3)`` (``permute(0, 3, 1, 2)`` is then a
   free NCHW view in channels_last memory), in ``cfg.dtype``, normalized with ``cfg.mean``/``cfg.std`` (pixel
   scale). ``cfg.tiled_k`` in 2..4 reads the product shards and tiles the K crops: W x K (K=2, 3) or 2x2.
-  Labels: int64 ``(N,)``, -1 for unlabelled data.
+  bfloat16 is cast by torch (DALI has no bfloat16). Labels: int64 ``(N,)``, -1 for unlabelled data.
+  Synthetic batches have the same shapes, layout and dtype.
 * Devices: dali-gpu yields images and labels on the pipeline's GPU; dali-cpu yields CPU tensors, copied
   to ``device`` if one is given; meta stays on the CPU.
 
@@ -29,8 +30,9 @@ yield different numbers of batches (at most one apart), so no collective may run
 
 Resume. ``loader.state()`` between batches (or at epoch end) returns a plain dict (str, int, bytes, list,
 dict only: safe for ``torch.load(weights_only=True)``) with this rank's DALI checkpoint (reader position,
-shuffle buffer and random generators), the epoch and step, ``cfg.pipeline_signature()``, the split, the
-rank and world size. ``build_loader(..., state=s)`` continues with the next batch: its first ``for``
+shuffle buffer and random generators), the epoch and step, ``cfg.pipeline_signature()``, the backend,
+split, rank and world size; a state that differs in any of these is refused with a ValueError that lists
+the differences. ``build_loader(..., state=s)`` continues with the next batch: its first ``for``
 yields the rest of that epoch. Once the last batch of an epoch has been handed out the loader has already
 moved to the next epoch (state() then resumes at its first batch). Breaking out of a ``for`` keeps the
 position; the next ``for`` continues the same epoch.

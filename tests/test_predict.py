@@ -35,15 +35,30 @@ def trained(trained_demo):
     return trained_demo
 
 
-def predict(trained, tmp_path, *extra, name="sub.csv", bson_path=None, check=True):
+class Result:
+    def __init__(self, rc, out, err):
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+
+def predict(trained, tmp_path, capsys, *extra, name="sub.csv", bson_path=None, check=True):
+    """tools.predict in this process (the command line itself is run by the first test)."""
+    from tools import predict as cli
+
     out = tmp_path / name
-    r = run("-m", "tools.predict", "--bson", str(bson_path or trained["raw"] / "test.bson"), "--checkpoint",
-            trained["ckpt"], "--out", str(out), "--batch", "32", "--threads", "2", "--quiet", *extra, check=check)
+    capsys.readouterr()
+    rc = cli.main(["--bson", str(bson_path or trained["raw"] / "test.bson"), "--checkpoint", trained["ckpt"],
+                   "--out", str(out), "--batch", "32", "--threads", "2", "--quiet", *extra])
+    r = Result(rc, *capsys.readouterr())
+    if check:
+        assert rc == 0, r.stdout + r.stderr
     return out, r
 
 
 def test_one_row_per_product_in_order_and_accurate(trained, tmp_path):
-    out, r = predict(trained, tmp_path, "--labels", str(trained["raw"] / "test_answers.csv"), "--topk", "3")
+    out = tmp_path / "sub.csv"
+    r = run("-m", "tools.predict", "--bson", str(trained["raw"] / "test.bson"), "--checkpoint", trained["ckpt"],
+            "--out", str(out), "--batch", "32", "--threads", "2", "--quiet",
+            "--labels", str(trained["raw"] / "test_answers.csv"), "--topk", "3")
     ids = [d["_id"] for d in iter_products(str(trained["raw"] / "test.bson"))]
     sub = rows(out)
     assert [int(x["_id"]) for x in sub] == ids
@@ -59,11 +74,11 @@ def test_one_row_per_product_in_order_and_accurate(trained, tmp_path):
     assert rows(str(out).replace(".csv", ".report.csv")) == []
 
 
-def test_ensemble_of_the_same_checkpoint_equals_one_and_flip_changes_probs(trained, tmp_path):
-    one, _ = predict(trained, tmp_path, "--probs", str(tmp_path / "one.npy"), name="one.csv")
-    two, _ = predict(trained, tmp_path, "--checkpoint", trained["ckpt"] + ":2", "--probs", str(tmp_path / "two.npy"),
+def test_ensemble_of_the_same_checkpoint_equals_one_and_flip_changes_probs(trained, tmp_path, capsys):
+    one, _ = predict(trained, tmp_path, capsys, "--probs", str(tmp_path / "one.npy"), name="one.csv")
+    two, _ = predict(trained, tmp_path, capsys, "--checkpoint", trained["ckpt"] + ":2", "--probs", str(tmp_path / "two.npy"),
                      name="two.csv")
-    flip, _ = predict(trained, tmp_path, "--tta", "flip", "--probs", str(tmp_path / "flip.npy"), name="flip.csv")
+    flip, _ = predict(trained, tmp_path, capsys, "--tta", "flip", "--probs", str(tmp_path / "flip.npy"), name="flip.csv")
     p1, p2, pf = (np.load(tmp_path / f"{n}.npy").astype(np.float32) for n in ("one", "two", "flip"))
     assert rows(one) == rows(two)
     np.testing.assert_allclose(p1, p2, atol=2e-3)
@@ -72,16 +87,16 @@ def test_ensemble_of_the_same_checkpoint_equals_one_and_flip_changes_probs(train
     assert np.abs(pf - p1).max() > 1e-3  # the mirrored views were really used
 
 
-def test_checkpoint_with_another_class_map_is_refused(trained, tmp_path):
+def test_checkpoint_with_another_class_map_is_refused(trained, tmp_path, capsys):
     ck = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
     ck["category_ids"] = list(reversed(ck["category_ids"]))
     other = tmp_path / "other.pt"
     torch.save(ck, other)
-    _, r = predict(trained, tmp_path, "--checkpoint", str(other), check=False)
+    _, r = predict(trained, tmp_path, capsys, "--checkpoint", str(other), check=False)
     assert r.returncode == 2 and "class map differs" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bad_test_products_still_get_rows_and_are_reported(trained, tmp_path):
+def test_bad_test_products_still_get_rows_and_are_reported(trained, tmp_path, capsys):
     good = list(iter_products(str(trained["raw"] / "test.bson")))[:20]
     png = __import__("io").BytesIO()
     from PIL import Image
@@ -98,7 +113,7 @@ def test_bad_test_products_still_get_rows_and_are_reported(trained, tmp_path):
     with open(src, "wb") as f:
         for d in docs:
             f.write(bson.encode(d))
-    out, r = predict(trained, tmp_path, "--fallback", str(rows(trained["raw"] / "category_names.csv")[0]["category_id"]),
+    out, r = predict(trained, tmp_path, capsys, "--fallback", str(rows(trained["raw"] / "category_names.csv")[0]["category_id"]),
                      bson_path=src)
     sub = rows(out)
     assert [int(x["_id"]) for x in sub] == [d["_id"] for d in docs]
@@ -112,8 +127,9 @@ def test_bad_test_products_still_get_rows_and_are_reported(trained, tmp_path):
     assert "3 without a readable image" in r.stdout
 
 
-def test_unknown_checkpoint_is_a_clear_error(trained, tmp_path):
-    out = tmp_path / "x.csv"
-    r = run("-m", "tools.predict", "--bson", str(trained["raw"] / "test.bson"), "--checkpoint",
-            str(tmp_path / "missing.pt"), "--out", str(out), check=False)
-    assert r.returncode == 2 and "missing.pt: no such checkpoint" in r.stderr
+def test_unknown_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
+    from tools import predict as cli
+
+    rc = cli.main(["--bson", str(trained["raw"] / "test.bson"), "--checkpoint", str(tmp_path / "missing.pt"),
+                   "--out", str(tmp_path / "x.csv")])
+    assert rc == 2 and "missing.pt: no such checkpoint" in capsys.readouterr().err

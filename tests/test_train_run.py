@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 import torch
 
 from train import checkpoint
@@ -45,7 +44,8 @@ def records(run, kind):
 
 
 # ---- the demo recipe ------------------------------------------------------------------------------------
-DEMO_MIN_PRODUCT_ACC = 0.5  # chance is 1/20 = 0.05; measured: see test_demo_recipe_learns_the_generated_data
+# Chance is 1/20 = 0.05. Measured on this set (2 CPU cores): 0.84 after epoch 1, 0.87 at the end (2 epochs).
+DEMO_MIN_PRODUCT_ACC = 0.6
 
 
 def test_demo_recipe_learns_the_generated_data(demo_data_dir, tmp_path):
@@ -194,6 +194,10 @@ def test_ddp_two_processes_disjoint_data_identical_parameters(data_dir, tmp_path
     assert not set(rank0) & set(rank1), "the ranks trained on the same images"
     # only rank 0 prints: one progress line per step
     assert sum(line.startswith("epoch ") for line in p.stdout.splitlines()) == steps
+    # validation counted every val image and product once, though the ranks split the val split between them
+    val = records(run, "val")[-1]
+    manifest = json.load(open(os.path.join(data_dir, "manifest.json")))["splits"]["val"]
+    assert (val["images"], val["products"]) == (manifest["images"], manifest["products"])
     ck = checkpoint.load(str(run / "last.pt"))
     assert ck["world_size"] == 2 and len(ck["loader_states"]) == len(ck["rng"]) == 2
     assert [s["rank"] for s in ck["loader_states"]] == [0, 1]

@@ -13,7 +13,7 @@ import glob
 import os
 import random
 import shutil
-from typing import Dict, List, Optional
+from typing import List
 
 import numpy as np
 import torch
@@ -138,8 +138,3 @@ def check_model(ckpt: dict, path: str, model_name: str, head: str, model: torch.
 def check_classes(ckpt: dict, path: str, category_ids: List[int]) -> None:
     check_class_map(list(ckpt.get("category_ids", [])), list(category_ids), f"{path} vs the data")
 
-
-def best_metric(ckpt: Optional[dict]) -> Dict[str, float]:
-    if not ckpt:
-        return {"metric": -1.0, "step": -1}
-    return dict(ckpt.get("best") or {"metric": -1.0, "step": -1})

@@ -10,7 +10,6 @@ Exit status: 0 done (or already done), 1 the loss went non-finite, 2 a config/da
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
@@ -19,10 +18,8 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dali_pipes.config import DataConfig
 from dali_pipes.dataset import DatasetError
 from dali_pipes.loader import build_loader
 from models import create_model, param_groups
@@ -121,7 +118,10 @@ class Trainer:
         elif tc.init_from:
             self._init_from(raw, tc.init_from)
         if mc.sync_bn and d.enabled:
-            raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+            if self.dev.type == "cuda":
+                raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+            else:  # torch's SyncBatchNorm runs on GPUs only
+                self.note("model.sync_bn needs GPUs: per-process BatchNorm on the CPU")
         raw.to(self.dev)
         if mc.channels_last:
             raw.to(memory_format=torch.channels_last)
@@ -258,7 +258,7 @@ class Trainer:
         elapsed = time.perf_counter() - self.int_start
         if bad_step != _NO_STEP:
             raise NonFiniteLoss(f"the loss is not finite at step {bad_step} (epoch {bad_step / self.spe:.2f}); the run "
-                                f"stops. {LAST} is from before it. Try a lower lr (optim.lr_schedule), "
+                                f"stops; {LAST}, if any, is from before it. Try a lower lr (optim.lr_schedule), "
                                 "optim.grad_clip, or train.amp=fp16/off")
         if self.fp16 and skipped >= n * self.d.world_size:
             raise NonFiniteLoss(f"fp16: all {n} steps up to step {self.step} had non-finite gradients and were "
