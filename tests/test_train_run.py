@@ -48,28 +48,30 @@ def records(run, kind):
 DEMO_MIN_PRODUCT_ACC = 0.6
 
 
-def test_demo_recipe_learns_the_generated_data(demo_data_dir, tmp_path):
-    run = tmp_path / "demo"
-    p = run_sh("demo", "--data", demo_data_dir, "--out", run, threads=2)
+def test_demo_recipe_learns_the_generated_data(trained_demo):
+    """``trained_demo`` (conftest) ran ``train/run.sh demo`` on the 2,000-product set; the predictor's tests
+    use the same run."""
+    run, stdout, demo_data_dir = trained_demo["run"], trained_demo["stdout"], trained_demo["data"]
     val = records(run, "val")
-    assert val, p.stdout
+    assert val, stdout
     final = val[-1]
-    assert final["product_acc"] >= DEMO_MIN_PRODUCT_ACC, p.stdout
+    assert final["product_acc"] >= DEMO_MIN_PRODUCT_ACC, stdout
     assert final["image_acc"] >= DEMO_MIN_PRODUCT_ACC - 0.1
-    assert final["products"] == json.load(open(os.path.join(demo_data_dir, "manifest.json")))["splits"]["val"]["products"]
+    manifest = json.load(open(os.path.join(demo_data_dir, "manifest.json")))["splits"]["val"]
+    assert (final["images"], final["products"]) == (manifest["images"], manifest["products"])
     for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "config.yaml"):
         assert (run / name).stat().st_size > 0, name
     assert open(run / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     last = checkpoint.load(str(run / "last.pt"))
     best = checkpoint.load(str(run / "best.pt"))
-    assert last["status"] == "finished" and last["step"] == round(2 * last["steps_per_epoch"])
+    assert last["status"] == "finished" and last["step"] == round(last["config"]["train"]["epochs"] * last["steps_per_epoch"])
     assert best["best"]["metric"] == max(v["product_acc"] for v in val)
     assert len(last["category_ids"]) == 20 and last["config"]["model"]["name"] == "tiny"
     train = records(run, "train")
     assert train[-1]["loss"] < train[0]["loss"]
     assert all(0 <= r["data_wait"] < 1 and r["images_per_s"] > 0 for r in train)
     # the progress line as the user sees it
-    assert "img/s data" in p.stdout and "eta" in p.stdout
+    assert "img/s data" in stdout and "eta" in stdout
     # a second run of the same command finds the run done
     again = run_sh("demo", "--data", demo_data_dir, "--out", run, threads=2)
     assert "already done" in again.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -65,14 +66,14 @@ class TrainConfig:
     init_from: Optional[str] = None  # checkpoint whose model weights start a new run (fine-tuning)
     log_every: int = 50  # steps between progress lines (and the only host syncs of the loop)
     val_every_steps: int = 0  # validate every N steps too (0: only at epoch ends)
-    ckpt_every_steps: int = 1000  # write RUN/last.pt every N steps (and at every epoch end)
+    ckpt_every_steps: int = 1000  # write RUN/last.pt every N steps (and at every validation and epoch end)
     tensorboard: bool = True  # write RUN/tb if tensorboard is installed
     max_steps: int = 0  # stop after this many steps in total (0: no limit; for benchmarks and tests)
 
 
 @dataclass
 class EarlyStopConfig:
-    after_epoch: Optional[float] = None  # check at the first validation at or after this epoch; null: off
+    after_epoch: Optional[float] = None  # from this epoch on, every validation checks the rule; null: off
     min_val_acc: float = 0.0  # ... and stop the run if the metric is below this
     metric: str = "product_acc"  # product_acc | image_acc
 
@@ -91,8 +92,8 @@ class Config:
             raise ConfigError(f"model.head must be one of {', '.join(HEADS)}, not {self.model.head!r}")
         if self.train.amp not in AMP_MODES:
             raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, not {self.train.amp!r}")
-        if self.train.epochs <= 0:
-            raise ConfigError(f"train.epochs must be > 0, not {self.train.epochs}")
+        if not 0 < self.train.epochs < math.inf:
+            raise ConfigError(f"train.epochs must be a number > 0, not {self.train.epochs}")
         for key in ("log_every", "ckpt_every_steps", "val_every_steps", "num_threads", "max_steps"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0")
@@ -147,9 +148,11 @@ def _convert(value: Any, tp, key: str) -> Any:
             return float(value)
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                number = math.nan
+            if math.isfinite(number):
+                return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from dali_pipes.repack import atomic_write_text
+
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 
@@ -81,10 +83,7 @@ def truncate_after(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     keep = [r for r in read_records(path) if r.get("step", 0) <= step]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 # ---- the progress line --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dali_pipes.dataset import DatasetError
 from dali_pipes.loader import build_loader
+from dali_pipes.repack import atomic_write_text
 from models import create_model, param_groups
 
 from . import checkpoint
@@ -38,13 +39,6 @@ _NO_STEP = 2**62  # "no bad step yet" in the device-side min-reduction
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list:
@@ -79,7 +73,7 @@ class Trainer:
             stale = checkpoint.remove_stale_temps(run_dir)
             if stale:
                 self.note(f"removed {len(stale)} unfinished checkpoint write(s): {', '.join(stale)}")
-            _write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
+            atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
         barrier(d)
 
         # The checkpoint to resume from, if this RUN has one (every rank reads it: RUN is shared storage).
@@ -412,6 +406,8 @@ def main(argv=None) -> int:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         run_dir = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
         d = setup()
+        if not d.is_main:  # non-zero ranks stay quiet, library prints included; errors still go to stderr
+            sys.stdout = open(os.devnull, "w")
         trainer = Trainer(cfg, run_dir, d)
         return trainer.fit()
     except (ValueError, DatasetError, checkpoint.CheckpointError) as e:  # ConfigError is a ValueError
