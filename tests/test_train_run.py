@@ -3,7 +3,8 @@
 - the demo recipe learns the generated set and writes checkpoints, metrics and the curves PNG;
 - DDP with 2 processes (gloo, dali-cpu): disjoint data per rank, identical parameters after several steps;
 - a run killed with SIGKILL mid-epoch and started again ends bit-equal to an uninterrupted run;
-- refusals (another model's checkpoint), the early-stop rule and a non-finite loss end runs with clear messages.
+- refusals (another model's checkpoint), the early-stop rule and a non-finite loss end runs with clear messages;
+- fine-tuning on tiled products starts from an ``init_from`` checkpoint of the same class map.
 """
 import json
 import os
@@ -24,14 +25,14 @@ SMALL = ["data.crop=64", "data.batch_size=8", "data.num_threads=1", "train.epoch
          "optim.warmup_epochs=0.1", "early_stop.after_epoch=null", "train.tensorboard=false"]
 
 
-def env(threads=1):
+def env(threads=2):
     e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(threads))
     e.pop("TRAIN_STATUS_FILE", None)
     return e
 
 
-def run_sh(*args, timeout=600, check=True, threads=1):
-    p = subprocess.run([RUN_SH, *map(str, args)], cwd=ROOT, env=env(threads), capture_output=True, text=True,
+def run_sh(*args, timeout=600, check=True):
+    p = subprocess.run([RUN_SH, *map(str, args)], cwd=ROOT, env=env(), capture_output=True, text=True,
                        timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"run.sh {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
@@ -73,7 +74,7 @@ def test_demo_recipe_learns_the_generated_data(trained_demo):
     # the progress line as the user sees it
     assert "img/s data" in stdout and "eta" in stdout
     # a second run of the same command finds the run done
-    again = run_sh("demo", "--data", demo_data_dir, "--out", run, threads=2)
+    again = run_sh("demo", "--data", demo_data_dir, "--out", run)
     assert "already done" in again.stdout
 
 
@@ -137,7 +138,7 @@ def test_sigkilled_run_resumes_bit_exact(data_dir, tmp_path):
 
     # The same RUN with another model: refused, naming both.
     p = run_sh(*args, "model.name=resnet10t", check=False)
-    assert p.returncode != 0
+    assert p.returncode == 2
     assert "holds model tiny" in p.stderr + p.stdout and "resnet10t" in p.stderr + p.stdout
 
 
@@ -185,7 +186,7 @@ def test_ddp_two_processes_disjoint_data_identical_parameters(data_dir, tmp_path
                         str(probe), str(data_dir), str(run), str(out), "data.crop=180", f"data.batch_size={batch}",
                         "data.num_threads=1", f"train.max_steps={steps}", "train.log_every=1",
                         "train.ckpt_every_steps=3", "train.tensorboard=false", "early_stop.after_epoch=null"],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=env(threads=1), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     r = json.load(open(out))
     assert r["rc"] == 0
@@ -214,6 +215,7 @@ def test_early_stop_rule_and_nonfinite_loss_end_the_run(data_dir, tmp_path):
     assert "early stop: val product_acc" in p.stdout and "not going anywhere" in p.stdout
     assert "Traceback" not in p.stderr  # a designed end, not a crash
     assert checkpoint.load(str(run / "last.pt"))["status"] == "early_stopped"
+    assert records(run, "event")[-1]["event"] == "early_stop"
     assert (run / "curves.png").exists()
     p = run_sh("demo", "--data", data_dir, "--out", run, *SMALL, "train.val_every_steps=4",
                "early_stop.after_epoch=0.05", "early_stop.min_val_acc=1.01", check=False)
@@ -226,3 +228,34 @@ def test_early_stop_rule_and_nonfinite_loss_end_the_run(data_dir, tmp_path):
     assert p.returncode == 1, p.stdout + p.stderr
     assert "the loss is not finite at step" in p.stderr
     assert not (run / "last.pt").exists()  # nothing written after the loss went bad
+
+
+# ---- fine-tuning from a checkpoint ----------------------------------------------------------------------
+def test_finetune_on_tiled_products_starts_from_init_checkpoint(data_dir, tmp_path):
+    import csv
+
+    from models import create_model
+
+    with open(os.path.join(data_dir, "classes.csv")) as f:
+        category_ids = [int(r["category_id"]) for r in csv.DictReader(f)]
+    torch.manual_seed(0)
+    seed = create_model("tiny", len(category_ids), head="first")
+    init = str(tmp_path / "seed.pt")
+    checkpoint.save({"format": checkpoint.FORMAT, "model": seed.state_dict(), "model_name": "tiny",
+                     "num_classes": len(category_ids), "category_ids": category_ids, "step": 7,
+                     "config": {"model": {"head": "first"}}, "best": {"metric": 0.5, "step": 7}}, init)
+    common = ["--data", data_dir, "model.name=tiny", "data.crop=64", "data.batch_size=4", "data.num_threads=1",
+              "train.max_steps=2", "train.amp=off", "train.tensorboard=false"]
+    run = tmp_path / "k2"
+    p = run_sh("finetune_k2", "--out", run, *common, f"train.init_from={init}")
+    assert f"init_from {init}: model weights of step 7" in p.stdout
+    ck = checkpoint.load(str(run / "last.pt"))
+    assert ck["step"] == 2 and ck["config"]["data"]["tiled_k"] == 2
+    moved = [k for k, v in seed.state_dict().items() if v.is_floating_point() and not torch.equal(ck["model"][k], v)]
+    assert moved and len(moved) < len(seed.state_dict())  # trained from the seed weights, not from scratch ...
+    assert torch.allclose(ck["model"]["fc.weight"], seed.state_dict()["fc.weight"], atol=1e-3)  # ... at lr 5e-5
+
+    # a seed checkpoint of another class map is refused
+    checkpoint.save({**checkpoint.load(init), "category_ids": category_ids[::-1]}, init)
+    p = run_sh("finetune_k2", "--out", tmp_path / "refused", *common, f"train.init_from={init}", check=False)
+    assert p.returncode == 2 and "class map differs" in p.stderr

@@ -98,6 +98,12 @@ def timed_loop(step: Callable[[], int], warmup: int, seconds: float, max_steps: 
     return images / (last - t0), times
 
 
+def _endless(iterable):
+    """Batches across epoch ends: each ``for`` over a loader is one epoch."""
+    while True:
+        yield from iterable
+
+
 def _jpegs(data: str, limit: int) -> List[bytes]:
     """Up to ``limit`` JPEGs of the train split, read straight from the shards."""
     from dali_pipes.dataset import open_dataset
@@ -190,30 +196,19 @@ def _decode_rate(jpegs: List[bytes], seconds: float) -> float:
 def bench_baseline(a) -> dict:
     import multiprocessing as mp
 
-    import torch
     from torch.utils.data import DataLoader
 
     jpegs = _jpegs(a.data, a.images)
     ds = _PilDataset(jpegs, a.crop)
     dl = DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.threads, drop_last=True,
                     persistent_workers=True)
-    state = {"it": iter(dl)}
-
-    def step():
-        try:
-            x, _ = next(state["it"])
-        except StopIteration:
-            state["it"] = iter(dl)
-            x, _ = next(state["it"])
-        return x.shape[0]
-
-    pil_rate, _ = timed_loop(step, warmup=2, seconds=a.seconds)
-    del state, dl
+    batches = _endless(dl)
+    pil_rate, _ = timed_loop(lambda: next(batches)[0].shape[0], warmup=2, seconds=a.seconds)
+    del batches, dl
     # The floor: libjpeg-turbo decodes alone, one process per thread, rates added.
     with mp.get_context("spawn").Pool(a.threads) as pool:
         rates = pool.starmap(_decode_rate, [(jpegs, a.seconds)] * a.threads)
     bare = float(sum(rates))
-    torch.set_num_threads(torch.get_num_threads())
     return {"mode": "baseline", "pil_dataloader": {"images_per_s": pil_rate},
             "bare_decode": {"images_per_s": bare, "per_core_images_per_s": bare / a.threads},
             "env": environment(a.batch, a.threads)}
@@ -233,17 +228,8 @@ def bench_loader(a) -> dict:
     cfg = DataConfig(path=a.data, backend=a.backend, batch_size=a.batch, num_threads=a.threads, crop=a.crop,
                      hw_decoder_load=a.hw_decoder_load, prefetch=a.prefetch)
     loader, _ = build_loader(cfg, 0, 1, "train")
-    state = {"it": iter(loader)}
-
-    def step():
-        try:
-            images, _ = next(state["it"])
-        except StopIteration:
-            state["it"] = iter(loader)
-            images, _ = next(state["it"])
-        return images.shape[0]
-
-    rate, times = timed_loop(step, warmup=a.warmup, seconds=a.seconds, sync=_sync_for(a.backend))
+    batches = _endless(loader)
+    rate, times = timed_loop(lambda: next(batches)[0].shape[0], warmup=a.warmup, seconds=a.seconds, sync=_sync_for(a.backend))
     pct = percentiles_ms(times)
     return {"mode": "loader", "backend": a.backend, "images_per_s": rate, "batch_ms_p50": pct["p50"],
             "batch_ms_p99": pct["p99"], "crop": a.crop, "env": environment(a.batch, a.threads)}
@@ -270,16 +256,11 @@ def _train_rate(a, backend: str, data: Optional[str], num_classes: int) -> dict:
         trainer = Trainer(cfg, run_dir, Dist(device=dev))
         trainer.val_loader = None
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        it, wait = iter(trainer.train_loader), [0.0]
+        batches, wait = _endless(trainer.train_loader), [0.0]
 
         def step():
-            nonlocal it
             t0 = time.perf_counter()
-            try:
-                images, labels = next(it)
-            except StopIteration:
-                it = iter(trainer.train_loader)
-                images, labels = next(it)
+            images, labels = next(batches)
             wait[0] += time.perf_counter() - t0
             trainer.train_step(*trainer.prepare(images, labels))
             return images.shape[0]
@@ -396,9 +377,17 @@ MODES = {"baseline": bench_baseline, "repack": bench_repack, "loader": bench_loa
 
 
 def main(argv=None) -> int:
+    from dali_pipes.dataset import DatasetError
+    from dali_pipes.repack import RepackError
+
     a = build_parser().parse_args(argv)
     print(f"bench {a.mode}:")
-    report(MODES[a.mode](a), a.json)
+    try:
+        result = MODES[a.mode](a)
+    except (DatasetError, RepackError, ValueError) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    report(result, a.json)
     return 0
 
 

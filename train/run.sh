@@ -43,7 +43,17 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python}
 
-gpus=$("$py" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+# Visible GPUs, without paying for a torch import: CUDA_VISIBLE_DEVICES if set, else nvidia-smi, else the
+# driver's /proc entries.
+if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    gpus=$(printf '%s' "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c '[^[:space:]]' || true)
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+elif [ -d /proc/driver/nvidia/gpus ]; then
+    gpus=$(find /proc/driver/nvidia/gpus -mindepth 1 -maxdepth 1 | wc -l)
+else
+    gpus=0
+fi
 if [ -z "$nproc" ]; then
     nproc=$(( gpus > 0 ? gpus : 1 ))
 fi
@@ -54,7 +64,7 @@ if [ "$gpus" -gt 0 ] && [ "$nproc" -gt "$gpus" ]; then
 fi
 if [ "$gpus" -eq 0 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
     # CPU processes share the cores; torchrun would give each one thread only
-    cores=$("$py" -c 'import os; print(len(os.sched_getaffinity(0)))')
+    cores=$(nproc)
     export OMP_NUM_THREADS=$(( cores / nproc > 0 ? cores / nproc : 1 ))
 fi
 
@@ -72,12 +82,14 @@ else
     rdzv=(--standalone)
 fi
 
-# torchrun reports any non-zero worker exit as a failure with a traceback; an early stop is a designed end,
-# so the workers exit 0 and leave its status (3) in this file for run.sh to return.
+# torchrun exits 1 whatever status a worker had, and reports it as a failure with a traceback. The trainer
+# leaves its own status (see train/train.py) in this file for run.sh to return; after an early stop (3), a
+# designed end, the workers exit 0 so that torchrun stays quiet.
 status_file=$(mktemp)
 trap 'rm -f "$status_file"' EXIT
 export TRAIN_STATUS_FILE=$status_file
+rc=0
 "$py" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$nproc" \
-    -m train.train --config "$recipe" "${args[@]}"
+    -m train.train --config "$recipe" "${args[@]}" || rc=$?
 status=$(cat "$status_file")
-exit "${status:-0}"
+exit "${status:-$rc}"

@@ -105,7 +105,9 @@ class Trainer:
         # Model: the same initial weights on every rank (DDP broadcasts rank 0's anyway).
         torch.manual_seed(tc.seed)
         mc = cfg.model
-        raw = create_model(mc.name, self.num_classes, head=mc.head, pretrained=mc.pretrained)
+        # ImageNet weights only for a new run: resuming or init_from overwrite every tensor anyway
+        pretrained = None if ck or tc.init_from else mc.pretrained
+        raw = create_model(mc.name, self.num_classes, head=mc.head, pretrained=pretrained)
         if ck:
             checkpoint.check_model(ck, path, mc.name, mc.head, raw)
             raw.load_state_dict(ck["model"])
@@ -154,7 +156,7 @@ class Trainer:
         random.seed(tc.seed + d.rank)
         np.random.seed(tc.seed + d.rank)
         torch.manual_seed(tc.seed + d.rank)
-        if ck:
+        if ck and ck["world_size"] == d.world_size:
             checkpoint.set_rng_state(ck["rng"][d.rank], self.dev)
         self.log = RunLog(run_dir, d.is_main, tc.tensorboard, resume_step=self.step if ck else None)
         self._reset_interval()
@@ -251,6 +253,7 @@ class Trainer:
         loss_sum, correct, skipped = sums.tolist()
         elapsed = time.perf_counter() - self.int_start
         if bad_step != _NO_STEP:
+            self.log.record("event", bad_step, event="nonfinite_loss")
             raise NonFiniteLoss(f"the loss is not finite at step {bad_step} (epoch {bad_step / self.spe:.2f}); the run "
                                 f"stops; {LAST}, if any, is from before it. Try a lower lr (optim.lr_schedule), "
                                 "optim.grad_clip, or train.amp=fp16/off")
@@ -373,6 +376,7 @@ class Trainer:
         if d.is_main:
             plot_curves(self.run_dir)
         if stop_msg:
+            self.log.record("event", self.step, event="early_stop", message=stop_msg)
             self.log.print(stop_msg)
             return EXIT_EARLY_STOP
         best = self.best
@@ -427,14 +431,15 @@ def main(argv=None) -> int:
 
 
 def _exit_status(code: int) -> int:
-    """Under run.sh an early stop leaves its status in TRAIN_STATUS_FILE and exits 0 (see run.sh)."""
+    """Under run.sh (TRAIN_STATUS_FILE set) the status goes to that file, for run.sh to return: torchrun
+    turns every failure into 1. An early stop then exits 0, so that torchrun does not report a failure."""
     path = os.environ.get("TRAIN_STATUS_FILE")
-    if code == EXIT_EARLY_STOP and path:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            with open(path, "w") as f:
-                f.write(str(code))
-        return 0
-    return code
+    if not path or code == 0:
+        return code
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        with open(path, "w") as f:
+            f.write(str(code))
+    return 0 if code == EXIT_EARLY_STOP else code
 
 
 if __name__ == "__main__":
