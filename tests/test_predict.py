@@ -133,3 +133,30 @@ def test_unknown_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     rc = cli.main(["--bson", str(trained["raw"] / "test.bson"), "--checkpoint", str(tmp_path / "missing.pt"),
                    "--out", str(tmp_path / "x.csv")])
     assert rc == 2 and "missing.pt: no such checkpoint" in capsys.readouterr().err
+
+
+def test_tiled_models_change_only_products_with_their_image_count(trained, tmp_path, capsys):
+    # The demo checkpoint is fully convolutional, so it can stand in for a tiled model of any K.
+    base, _ = predict(trained, tmp_path, capsys, "--probs", str(tmp_path / "base.npy"), name="base.csv")
+    tiled, _ = predict(trained, tmp_path, capsys, "--tiled", f"2={trained['ckpt']}", "--tiled",
+                       f"4={trained['ckpt']}", "--probs", str(tmp_path / "tiled.npy"), name="tiled.csv")
+    pb, pt = np.load(tmp_path / "base.npy").astype(np.float32), np.load(tmp_path / "tiled.npy").astype(np.float32)
+    k = np.array([len(d["imgs"]) for d in iter_products(str(trained["raw"] / "test.bson"))])
+    assert [x["_id"] for x in rows(base)] == [x["_id"] for x in rows(tiled)]
+    changed = np.abs(pb - pt).max(1) > 1e-3
+    assert not changed[(k == 1) | (k == 3)].any()
+    assert changed[(k == 2) | (k == 4)].all() and ((k == 2) | (k == 4)).sum() > 10
+
+
+def test_labels_from_a_labelled_bson(trained, tmp_path, capsys):
+    answers = {int(x["_id"]): int(x["category_id"]) for x in rows(trained["raw"] / "test_answers.csv")}
+    docs = [dict(d, category_id=answers[d["_id"]]) for d in iter_products(str(trained["raw"] / "test.bson"))][:40]
+    src = tmp_path / "held_out.bson"
+    with open(src, "wb") as f:
+        for d in docs:
+            f.write(bson.encode(d))
+    out, r = predict(trained, tmp_path, capsys, "--labels", str(src), bson_path=src)
+    acc = float(r.stdout.split("accuracy against")[1].split(":")[1].split()[0])
+    sub = rows(out)
+    assert acc == pytest.approx(np.mean([int(x["category_id"]) == answers[int(x["_id"])] for x in sub]), abs=1e-4)
+    assert len(sub) == 40

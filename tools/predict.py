@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=1, help="also write OUT.topK.csv with the K best classes")
     ap.add_argument("--fallback", type=int, help="category id for products without a readable image "
                                                  "(default: the class predicted most often)")
-    ap.add_argument("--labels", help="_id,category_id answers: print the product-level accuracy")
+    ap.add_argument("--labels", help="answers (_id,category_id CSV, or a labelled .bson): print the "
+                                     "product-level accuracy")
     ap.add_argument("--workdir", help="where --bson is repacked (default: the system temp dir)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)

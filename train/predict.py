@@ -256,8 +256,12 @@ def _product_stream(loader, probs_fn):
 
 
 def score(submission: str, answers: str) -> float:
-    """Product-level accuracy of a submission against ``_id,category_id`` answers."""
+    """Product-level accuracy of a submission against ``_id,category_id`` answers (CSV or labelled BSON)."""
     def read(path):
+        if path.endswith(".bson"):  # a labelled BSON, e.g. a held-out part of train.bson
+            from dali_pipes.bson_io import iter_products
+
+            return {d["_id"]: d["category_id"] for d in iter_products(path) if "category_id" in d}
         with open(path, newline="") as f:
             return {int(r["_id"]): int(r["category_id"]) for r in csv.DictReader(f)}
 
