@@ -66,10 +66,9 @@ def report(result: dict, json_path: Optional[str]) -> dict:
     env = result.get("env", {})
     print("  env: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None))
     if json_path:
-        tmp = f"{json_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, json_path)
+        from dali_pipes.repack import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
     return result
 
 
