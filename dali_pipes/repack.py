@@ -57,16 +57,19 @@ def csv_text(header: List[str], rows) -> str:
     return buf.getvalue()
 
 
-_M64 = (1 << 64) - 1
+def val_flags(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Deterministic per-product split: splitmix64 of each id (wrapping uint64 arithmetic) below
+    ``fraction`` of the 64-bit range means validation."""
+    z = np.asarray(ids).astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z < np.uint64(math.ceil(fraction * 18446744073709551616.0))
 
 
 def is_val(product_id: int, fraction: float) -> bool:
-    """Deterministic per-product split: splitmix64 of the id, compared with the fraction."""
-    z = (product_id + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    z ^= z >> 31
-    return z < fraction * 18446744073709551616.0
+    """``val_flags`` of one id."""
+    return bool(val_flags(np.array([product_id], np.int64), fraction)[0])
 
 
 def read_categories(path: str) -> List[Tuple[int, str, str, str]]:
@@ -134,16 +137,6 @@ def _report_progress(products: int, nbytes: int) -> None:
         with _progress.get_lock():
             _progress[0] += products
             _progress[1] += nbytes
-
-
-def _val_flags(ids: np.ndarray, fraction: float) -> np.ndarray:
-    """``is_val`` of every id at once: the same splitmix64 in wrapping uint64 arithmetic."""
-    z = ids.astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    # is_val compares the integer z with the float fraction * 2**64 exactly, i.e. z < ceil(that float).
-    return z < np.uint64(math.ceil(fraction * 18446744073709551616.0))
 
 
 def _documents(path: str, offsets: np.ndarray, lengths: np.ndarray, max_doc_bytes: int):
@@ -331,7 +324,7 @@ def _process_chunk(args) -> ChunkResult:
     res = ChunkResult(chunk)
     writers = _ChunkWriters(st.out, chunk)
     check = CHECKS[st.verify]
-    val = _val_flags(ids, st.val_fraction).tolist() if st.labelled else None
+    val = val_flags(ids, st.val_fraction).tolist() if st.labelled else None
     docs = _documents(st.bson_path, offsets, lengths, st.max_doc_bytes)
     offsets, lengths, ids = offsets.tolist(), lengths.tolist(), ids.tolist()
     label_ints: Dict[int, bytes] = {}
