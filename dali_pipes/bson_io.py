@@ -130,28 +130,6 @@ def read_document(path: str, offset: int, length: Optional[int] = None) -> dict:
     return bson.decode(data)
 
 
-def iter_raw(path: str, index: OffsetIndex, start: int = 0, end: Optional[int] = None,
-             block_bytes: int = 64 << 20) -> Iterator[Tuple[int, memoryview]]:
-    """Yield ``(offset, raw document bytes)`` for documents ``start..end`` of the index, reading in blocks
-    of about ``block_bytes`` so memory stays bounded whatever the file's size."""
-    end = len(index) if end is None else end
-    with open(path, "rb") as f:
-        i = start
-        while i < end:
-            j = i
-            total = 0
-            while j < end and (total == 0 or total + index.lengths[j] <= block_bytes):
-                total += int(index.lengths[j])
-                j += 1
-            base = int(index.offsets[i])
-            f.seek(base)
-            buf = memoryview(f.read(total))
-            for k in range(i, j):
-                o = int(index.offsets[k]) - base
-                yield int(index.offsets[k]), buf[o:o + int(index.lengths[k])]
-            i = j
-
-
 def iter_products(path: str) -> Iterator[dict]:
     """Stream the products of a BSON dump in file order (constant memory)."""
     with open(path, "rb") as f:
