@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-from .repack import MANIFEST
+from .records import MANIFEST
 
 
 class DatasetError(RuntimeError):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dali_pipes.bson_io import iter_products
-from dali_pipes.synthetic import make_jpeg
+from dali_pipes.writer.bson_io import iter_products
+from tools.synthetic import make_jpeg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Measured: the demo recipe (tiny model, 2 epochs, 2,000 products in 20 categories) scores 0.87 on the 300

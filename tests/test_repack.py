@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dali_pipes.bson_io import iter_products, read_document, scan_offsets
+from dali_pipes.writer.bson_io import iter_products, read_document, scan_offsets
 from dali_pipes.dataset import open_dataset, read_quarantine
 from dali_pipes.records import IMAGE_FEATURES, dali_features, product_features, read_examples, read_index
-from dali_pipes.repack import RepackError, is_val, repack
+from dali_pipes.writer.repack import RepackError, is_val, repack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAT0 = 1000010653

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dali_pipes import synthetic
+from tools import synthetic
 from tools import make_synthetic
 
 N_TRAIN, N_TEST, N_CAT = 2000, 300, 20

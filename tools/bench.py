@@ -66,7 +66,7 @@ def report(result: dict, json_path: Optional[str]) -> dict:
     env = result.get("env", {})
     print("  env: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None))
     if json_path:
-        from dali_pipes.repack import atomic_write_text
+        from dali_pipes.fileio import atomic_write_text
 
         atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
     return result
@@ -123,7 +123,7 @@ def _jpegs(data: str, limit: int) -> List[bytes]:
 def bench_repack(a) -> dict:
     import bson
 
-    from dali_pipes.repack import repack
+    from dali_pipes.writer.repack import repack
 
     size = os.path.getsize(a.bson)
 
@@ -377,7 +377,7 @@ MODES = {"baseline": bench_baseline, "repack": bench_repack, "loader": bench_loa
 
 def main(argv=None) -> int:
     from dali_pipes.dataset import DatasetError
-    from dali_pipes.repack import RepackError
+    from dali_pipes.writer.repack import RepackError
 
     a = build_parser().parse_args(argv)
     print(f"bench {a.mode}:")

@@ -28,7 +28,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.workers < 1:
         ap.error("--workers must be >= 1")
 
-    from dali_pipes import synthetic
+    from tools import synthetic
 
     kw = {} if args.quality is None else {"quality": args.quality}
     r = synthetic.make_dataset(args.out, products=args.products, test_products=args.test_products,

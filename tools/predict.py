@@ -11,7 +11,7 @@ import os
 import sys
 
 from dali_pipes.dataset import DatasetError
-from dali_pipes.repack import RepackError
+from dali_pipes.writer.repack import RepackError
 
 
 def _tiled(spec: str):

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from dali_pipes.repack import RepackError, repack
+from dali_pipes.writer.repack import RepackError, repack
 
 
 def main(argv=None) -> int:

@@ -19,60 +19,30 @@ import numpy as np
 import torch
 
 from dali_pipes.dataset import check_class_map
+from dali_pipes.fileio import TMP_SUFFIX, atomic_open, atomic_path
 
 FORMAT = 1
-TMP_SUFFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run; the message says why and what to do."""
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save(obj: dict, path: str) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it: a crash at any moment
-    leaves either the old or the new file, never a torn one."""
-    tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    """Atomic (``dali_pipes.fileio``): a crash at any moment leaves the old file or the new one."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def copy(src: str, dst: str) -> None:
     """Atomic copy (best.pt from last.pt without serializing twice)."""
-    tmp = f"{dst}{TMP_SUFFIX}{os.getpid()}"
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def remove_stale_temps(run_dir: str) -> List[str]:
     """Temporary files of writes that a kill interrupted; they are never read."""
-    stale = glob.glob(os.path.join(run_dir, f"*.pt{TMP_SUFFIX}*"))
+    stale = glob.glob(os.path.join(run_dir, f".*.pt.*{TMP_SUFFIX}"))
     for p in stale:
         os.remove(p)
     return stale

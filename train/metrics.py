@@ -5,7 +5,6 @@ Only rank 0 makes a ``RunLog``; the other ranks get one with ``enabled=False`` t
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import sys
@@ -14,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from dali_pipes.repack import atomic_write_text
+from dali_pipes.fileio import atomic_path, atomic_write_text, format_eta
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
@@ -87,13 +86,6 @@ def truncate_after(path: str, step: int) -> None:
 
 
 # ---- the progress line --------------------------------------------------------------------------
-def format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def memory_text(device: torch.device) -> str:
     if device.type == "cuda":
         return f"gpu {torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
@@ -139,10 +131,9 @@ def plot_curves(run_dir: str) -> Optional[str]:
         ax.legend()
     fig.tight_layout()
     path = os.path.join(run_dir, CURVES)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ import torch
 
 from dali_pipes.config import DataConfig
 from dali_pipes.dataset import check_class_map, open_dataset
-from dali_pipes.repack import atomic_write_text, csv_text, repack
+from dali_pipes.fileio import Progress, atomic_write_text, csv_text, temp_path_for
+from dali_pipes.writer.repack import repack
 from models import create_model
 
 from .checkpoint import load as load_checkpoint
@@ -112,18 +112,6 @@ def read_rows(data: str) -> Rows:
     return Rows(ids, written_rows, reasons, no_id)
 
 
-def _progress(done: int, total: int, t0: float, last: List[float]) -> None:
-    now = time.time()
-    if now - last[0] < (0.5 if sys.stderr.isatty() else 10.0) and done < total:
-        return
-    last[0] = now
-    rate = done / max(now - t0, 1e-9)
-    eta = (total - done) / rate if rate > 0 else 0
-    line = f"predict: {done:,}/{total:,} products  {rate:,.0f} products/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s"
-    print("\r" + line if sys.stderr.isatty() else line, end="" if sys.stderr.isatty() else "\n",
-          file=sys.stderr, flush=True)
-
-
 @torch.no_grad()
 def predict(data: str, members: List[Member], out: str, *, tta: str = "none", tiled: Optional[Dict[int, str]] = None,
             batch: int = 64, backend: str = "dali-cpu", threads: int = 2, probs_path: Optional[str] = None,
@@ -171,10 +159,11 @@ def predict(data: str, members: List[Member], out: str, *, tta: str = "none", ti
     pred = np.full(n, -1, np.int64)
     probs_out = None
     if probs_path:
-        probs_tmp = f"{probs_path}.tmp{os.getpid()}.npy"
+        probs_tmp = temp_path_for(probs_path)
         probs_out = np.lib.format.open_memmap(probs_tmp, mode="w+", dtype=np.float16, shape=(n, num_classes))
     top_rows = [] if topk > 1 else None
-    t0, last = time.time(), [0.0]
+    t0 = time.time()
+    bar = Progress("predict", len(rows.written_rows), "products", enabled=progress)
     done = 0
     loader = loader_for(members[0])
     for pid, p, n_images in _product_stream(loader, lambda x: image_probs(members, x)):
@@ -193,10 +182,8 @@ def predict(data: str, members: List[Member], out: str, *, tta: str = "none", ti
             v, i = p.topk(min(topk, num_classes))
             top_rows.append((row, i.tolist(), v.tolist()))
         done += 1
-        if progress:
-            _progress(done, len(rows.written_rows), t0, last)
-    if progress and sys.stderr.isatty():
-        print(file=sys.stderr)
+        bar.update(done, force=done == len(rows.written_rows))
+    bar.finish()
     if done != len(rows.written_rows):
         raise PredictError(f"{data}: {len(rows.written_rows) - done} products of products.csv were not in the shards")
 
@@ -259,7 +246,7 @@ def score(submission: str, answers: str) -> float:
     """Product-level accuracy of a submission against ``_id,category_id`` answers (CSV or labelled BSON)."""
     def read(path):
         if path.endswith(".bson"):  # a labelled BSON, e.g. a held-out part of train.bson
-            from dali_pipes.bson_io import iter_products
+            from dali_pipes.writer.bson_io import iter_products
 
             return {d["_id"]: d["category_id"] for d in iter_products(path) if "category_id" in d}
         with open(path, newline="") as f:

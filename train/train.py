@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dali_pipes.dataset import DatasetError
 from dali_pipes.loader import build_loader
-from dali_pipes.repack import atomic_write_text
+from dali_pipes.fileio import atomic_write_text
 from models import create_model, param_groups
 
 from . import checkpoint

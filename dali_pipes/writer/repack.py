@@ -1,4 +1,4 @@
-"""Repack a Cdiscount BSON dump into indexed TFRecord shards (the record format of DESIGN.md).
+"""Repack a Cdiscount BSON dump into indexed TFRecord shards (the record format of ``dali_pipes.records``).
 
 Work is split by byte ranges of the BSON (one chunk ~ one shard), so the shards written depend only on the
 input and ``--shard-size-mb``, never on the number of workers. Every product read ends up either in the
@@ -9,13 +9,11 @@ from __future__ import annotations
 import bisect
 import csv
 import functools
-import io
 import json
 import math
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,12 +22,12 @@ from typing import Dict, List, Optional, Tuple
 import bson
 import numpy as np
 
+from ..fileio import Progress, atomic_write_text, csv_text, is_temp_name
+from ..records import FORMAT_VERSION, IMAGE_FEATURES, MANIFEST, MAX_K, product_features
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
 from .jpeg_check import CHECKS
-from .records import IMAGE_FEATURES, MAX_K, ShardWriter, int_feature, product_features
+from .shards import ShardWriter, int_feature
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 MAX_IMAGE_BYTES = 4 << 20  # the competition's images are ~5 kB; megabytes mean something is wrong
 QUARANTINE_FIELDS = ["product_id", "offset", "image_index", "reason"]
 _OWNED = ("train", "val", "test", "products", "classes.csv", "quarantine.csv", "products.csv", MANIFEST)
@@ -37,24 +35,6 @@ _OWNED = ("train", "val", "test", "products", "classes.csv", "quarantine.csv", "
 
 class RepackError(RuntimeError):
     """An input problem the user must fix; the message says what and how."""
-
-
-# ---- small shared helpers ------------------------------------------------------------------------
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def csv_text(header: List[str], rows) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def val_flags(ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -373,34 +353,13 @@ def _prepare_out(out: str, overwrite: bool) -> None:
         os.remove(manifest)  # first: a crash from here on leaves no manifest, i.e. no dataset
     for name in os.listdir(out):
         p = os.path.join(out, name)
-        if name in _OWNED or ".tmp" in name:
+        if name in _OWNED or is_temp_name(name) or ".tmp" in name:
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
-class _Progress:
-    """A one-line progress report on stderr: products/s, MB/s, ETA."""
-
-    def __init__(self, total_products: int, total_bytes: int, enabled: bool):
-        self.total_p, self.total_b, self.enabled = total_products, total_bytes, enabled
-        self.t0 = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, products: int, nbytes: int, force: bool = False) -> None:
-        now = time.time()
-        if not self.enabled or (not force and now - self.last < (0.5 if self.tty else 10.0)):
-            return
-        self.last = now
-        dt = max(now - self.t0, 1e-9)
-        rate_b = nbytes / dt
-        eta = (self.total_b - nbytes) / rate_b if rate_b > 0 else float("inf")
-        eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta != float("inf") else "?"
-        line = (f"repack: {products:,}/{self.total_p:,} products  {products / dt:,.0f} products/s  "
-                f"{rate_b / 1e6:,.1f} MB/s  ETA {eta_s}")
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def finish(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
+def _show(bar: Progress, counters, force: bool = False) -> None:
+    mb_s = counters[1] / max(time.time() - bar.t0, 1e-9) / 1e6
+    bar.update(counters[0], extra=f"{mb_s:,.1f} MB/s", force=force)
 
 
 def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fraction: float = 0.01,
@@ -443,13 +402,13 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
     workers = max(1, min(workers, len(tasks) or 1))
     ctx = mp.get_context("fork")
     counters = ctx.Array("q", 2)
-    bar = _Progress(len(index), int(index.lengths.sum()), progress)
+    bar = Progress("repack", len(index), "products", enabled=progress)
     results: List[ChunkResult] = []
     if workers == 1:
         _init_worker(counters)
         for t in tasks:
             results.append(_process_chunk(t))
-            bar.update(counters[0], counters[1])
+            _show(bar, counters)
     else:
         with ctx.Pool(workers, initializer=_init_worker, initargs=(counters,)) as pool:
             pending = pool.imap(_process_chunk, tasks)
@@ -459,9 +418,9 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
                         results.append(pending.next(timeout=0.5))
                         break
                     except mp.TimeoutError:
-                        bar.update(counters[0], counters[1])
-                bar.update(counters[0], counters[1])
-    bar.update(counters[0], counters[1], force=True)
+                        _show(bar, counters)
+                _show(bar, counters)
+    _show(bar, counters, force=True)
     bar.finish()
     _init_worker(None)
 

@@ -1,0 +1,127 @@
+"""Small file helpers every part of the project uses: atomic writes, CSV text, the progress line.
+
+Atomic writes: the data goes to a temporary file beside the target (``.NAME.XXXX.tmp``), is fsynced, then
+renamed over the target, so a crash at any moment leaves the old file or the new one, never a torn one.
+Imports nothing heavy (no torch, no pymongo): the reading and the writing side both use it.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Iterator, List, Optional
+
+TMP_SUFFIX = ".tmp"  # every temporary file of an atomic write ends so; stale ones are safe to delete
+
+
+def temp_path_for(path: str) -> str:
+    """A fresh temporary file in ``path``'s directory (created empty, named ``.NAME.XXXX.tmp``)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=d)
+    os.close(fd)
+    return tmp
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (best effort: some file systems refuse a directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary path to write with any library (``np.save``, ``savefig``, ``shutil.copyfile``); it replaces
+    ``path`` when the block ends without error, and is removed on an error (the old ``path`` stays)."""
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb", **kw):
+    """An open file (``"wb"`` or ``"w"``) whose content replaces ``path`` when the block ends without error."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kw) as fh:
+            yield fh
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        f.write(text)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def csv_text(header: List[str], rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+# ---- the progress line --------------------------------------------------------------------------
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """One progress line on stderr: ``LABEL: done/total UNIT  rate UNIT/s  [extra]  ETA h:mm:ss``.
+
+    On a terminal the line is redrawn every 0.5 s; in a log file one line every 10 s, so logs stay short.
+    ``update(done)`` is cheap to call often."""
+
+    def __init__(self, label: str, total: int, unit: str, enabled: bool = True, stream=None):
+        self.label, self.total, self.unit, self.enabled = label, total, unit, enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0 = self.last = time.time()
+
+    def update(self, done: int, extra: str = "", force: bool = False) -> Optional[str]:
+        now = time.time()
+        if not self.enabled or (not force and now - self.last < (0.5 if self.tty else 10.0)):
+            return None
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = (f"{self.label}: {done:,}/{self.total:,} {self.unit}  {rate:,.0f} {self.unit}/s  "
+                + (f"{extra}  " if extra else "") + f"ETA {format_eta(eta)}")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=self.stream, flush=True)
+        return line
+
+    def finish(self) -> None:
+        if self.enabled and self.tty:
+            print(file=self.stream)
