@@ -6,7 +6,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo_out
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install install-dev test demo bench clean
+.PHONY: install install-dev test demo clean
 
 install:
 	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) $(TORCH_PINS)

@@ -67,4 +67,4 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-__all__ = ["DataConfig", "BACKENDS", "DTYPES", "resolve_backend", "Optional"]
+__all__ = ["DataConfig", "BACKENDS", "DTYPES", "resolve_backend"]

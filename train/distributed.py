@@ -64,14 +64,6 @@ def all_gather_object(obj: Any, d: Dist) -> List[Any]:
     return out
 
 
-def broadcast_object(obj: Any, d: Dist, src: int = 0) -> Any:
-    if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_reduce(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
     """In place; ``op`` sum | min | max."""
     if d.enabled:
