@@ -221,3 +221,23 @@ def test_cli(tmp_path, capsys):
     assert len(_docs(out / "train.bson")) == 40 and len(_docs(out / "test.bson")) == 10
     with pytest.raises(SystemExit):
         make_synthetic.main(["--out", str(out), "--categories", "0"])
+
+
+def test_label_noise_side_file_matches_the_bson(tmp_path):
+    """--label-noise 0.1: exactly round(0.1 * N) products get another category_id; the images stay those of
+    the clean set (same seed), and train_label_noise.csv lists exactly the changed products."""
+    clean = _small(tmp_path / "clean", seed=3)
+    assert make_synthetic.main(["--out", str(tmp_path / "noisy"), "--products", "120", "--test-products", "30",
+                                "--categories", "8", "--seed", "3", "--label-noise", "0.1"]) == 0
+    noisy_dir = tmp_path / "noisy"
+    a, b = _docs(clean["train_bson"]), _docs(noisy_dir / "train.bson")
+    assert [d["_id"] for d in a] == [d["_id"] for d in b]
+    assert all(x["imgs"] == y["imgs"] for x, y in zip(a, b))  # pictures show the true category
+    changed = {y["_id"]: (y["category_id"], x["category_id"]) for x, y in zip(a, b)
+               if x["category_id"] != y["category_id"]}
+    assert len(changed) == 12  # round(0.1 * 120)
+    rows = _read_csv(noisy_dir / "train_label_noise.csv")
+    assert rows[0] == ["_id", "category_id", "true_category_id"]
+    assert {int(r[0]): (int(r[1]), int(r[2])) for r in rows[1:]} == changed
+    assert open(noisy_dir / "test.bson", "rb").read() == open(clean["test_bson"], "rb").read()
+    assert not os.path.exists(os.path.dirname(clean["train_bson"]) + "/train_label_noise.csv")

@@ -1,6 +1,7 @@
 """Write a synthetic Cdiscount-format set: train.bson, test.bson, category_names.csv, test_answers.csv.
 
     python -m tools.make_synthetic --out DIR [--products N] [--test-products N] [--categories C] [--seed S]
+        [--label-noise P]
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--workers", type=int, default=1,
                     help="render processes (default 1; the output does not depend on it)")
     ap.add_argument("--quality", type=int, default=None, help="JPEG quality (default 88)")
+    ap.add_argument("--label-noise", type=float, default=0.0, metavar="P",
+                    help="give a share P of the train products a wrong category_id at random (their images "
+                         "keep the true look), listed in train_label_noise.csv (default 0)")
     args = ap.parse_args(argv)
     if args.products < 0 or args.test_products < 0:
         ap.error("product counts must be >= 0")
@@ -27,16 +31,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("--categories must be >= 1")
     if args.workers < 1:
         ap.error("--workers must be >= 1")
+    if not 0.0 <= args.label_noise <= 1.0:
+        ap.error("--label-noise must be in [0, 1]")
 
     from tools import synthetic
 
     kw = {} if args.quality is None else {"quality": args.quality}
     r = synthetic.make_dataset(args.out, products=args.products, test_products=args.test_products,
-                               categories=args.categories, seed=args.seed, workers=args.workers, **kw)
+                               categories=args.categories, seed=args.seed, workers=args.workers,
+                               label_noise=args.label_noise, **kw)
     images = r["train_images"] + r["test_images"]
     print(f"wrote {os.path.abspath(args.out)}")
-    for key in ("train_bson", "test_bson", "category_names", "test_answers"):
-        print(f"  {os.path.basename(r[key]):<20} {os.path.getsize(r[key]) / 1e6:9.2f} MB")
+    for key in ("train_bson", "test_bson", "category_names", "test_answers", "label_noise"):
+        if key in r:
+            print(f"  {os.path.basename(r[key]):<22} {os.path.getsize(r[key]) / 1e6:9.2f} MB")
+    if "label_noise" in r:
+        print(f"label noise: {r['noisy_products']} train products relabelled at random "
+              f"(listed in {os.path.basename(r['label_noise'])})")
     print(f"products: {r['train_products']} train, {r['test_products']} test; categories: {r['categories']}; "
           f"images: {images} (mean {r['mean_jpeg_bytes'] / 1e3:.2f} kB)")
     print(f"total {r['bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s "

@@ -453,8 +453,11 @@ def _split_products(rng, products, test_products, categories):
     return (ids[~is_test], train_labels, n_img_train), (ids[is_test], test_labels, n_img_test)
 
 
-def _product_docs(ids, labels, n_imgs, cat_ids, rng, styles, with_category, quality, pool, stats):
-    """Yield BSON documents, rendering images chunk by chunk (in a pool when given, order kept)."""
+def _product_docs(ids, labels, n_imgs, cat_ids, rng, styles, with_category, quality, pool, stats, doc_labels=None):
+    """Yield BSON documents, rendering images chunk by chunk (in a pool when given, order kept).
+
+    Images show ``labels``; the documents' ``category_id`` is that of ``doc_labels`` (default ``labels``)."""
+    doc_labels = labels if doc_labels is None else doc_labels
 
     def jobs():
         for a in range(0, len(ids), _CHUNK):
@@ -468,12 +471,28 @@ def _product_docs(ids, labels, n_imgs, cat_ids, rng, styles, with_category, qual
             n = int(n_imgs[i])
             doc = {"_id": int(ids[i])}
             if with_category:
-                doc["category_id"] = int(cat_ids[labels[i]])
+                doc["category_id"] = int(cat_ids[doc_labels[i]])
             doc["imgs"] = [{"picture": jpegs[k + j]} for j in range(n)]
             stats["images"] += n
             stats["jpeg_bytes"] += sum(len(x) for x in jpegs[k:k + n])
             k += n
             yield doc
+
+
+LABEL_NOISE_FILE = "train_label_noise.csv"
+LABEL_NOISE_HEADER = ["_id", "category_id", "true_category_id"]
+
+
+def noisy_labels(labels: np.ndarray, categories: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Indices of the products relabelled and their new labels: ``round(fraction * n)`` products drawn at
+    random, each given a category drawn uniformly among the other ones (from a stream of its own, so the
+    rest of the set is the same with or without noise)."""
+    n = len(labels)
+    k = int(round(fraction * n)) if categories > 1 else 0
+    rng = np.random.default_rng([seed, 0x4E015E])
+    which = np.sort(rng.choice(n, size=k, replace=False)) if k else np.zeros(0, np.int64)
+    shift = rng.integers(1, categories, size=k) if k else np.zeros(0, np.int64)  # never the true class
+    return which, (labels[which] + shift) % categories
 
 
 def make_dataset(
@@ -484,14 +503,21 @@ def make_dataset(
     seed: int = 0,
     quality: int = JPEG_QUALITY,
     workers: int = 1,
+    label_noise: float = 0.0,
 ) -> Dict[str, object]:
     """Write a synthetic Cdiscount-format set into ``out``; returns paths and counts.
 
     Keys: train_bson, test_bson, category_names, test_answers (paths); train_products, test_products,
     train_images, test_images, categories, bytes (all files), mean_jpeg_bytes, seconds.
+
+    ``label_noise`` P > 0: a share P of the train products get a wrong ``category_id`` in train.bson (their
+    images still show the true category), listed in ``train_label_noise.csv`` (``_id``, the ``category_id``
+    written, ``true_category_id``; key ``label_noise`` of the result, with ``noisy_products``).
     """
     if products < 0 or test_products < 0:
         raise ValueError("product counts must be >= 0")
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], not {label_noise}")
     if categories < 1:
         raise ValueError("categories must be >= 1")
     t0 = time.perf_counter()
@@ -501,6 +527,11 @@ def make_dataset(
     cat_ids = np.array([r[0] for r in table], dtype=np.int64)
     styles = category_styles(categories)
     (tr_ids, tr_lab, tr_n), (te_ids, te_lab, te_n) = _split_products(meta_rng, products, test_products, categories)
+    tr_doc_lab = tr_lab
+    if label_noise > 0:
+        which, new = noisy_labels(tr_lab, categories, label_noise, seed)
+        tr_doc_lab = tr_lab.copy()
+        tr_doc_lab[which] = new
 
     paths = {
         "train_bson": os.path.join(out, "train.bson"),
@@ -517,7 +548,8 @@ def make_dataset(
         tr_stats = {"images": 0, "jpeg_bytes": 0}
         te_stats = {"images": 0, "jpeg_bytes": 0}
         write_bson(paths["train_bson"],
-                   _product_docs(tr_ids, tr_lab, tr_n, cat_ids, train_rng, styles, True, quality, pool, tr_stats))
+                   _product_docs(tr_ids, tr_lab, tr_n, cat_ids, train_rng, styles, True, quality, pool, tr_stats,
+                                 tr_doc_lab))
         write_bson(paths["test_bson"],
                    _product_docs(te_ids, te_lab, te_n, cat_ids, test_rng, styles, False, quality, pool, te_stats))
     finally:
@@ -527,6 +559,10 @@ def make_dataset(
     write_csv(paths["category_names"], CATEGORY_HEADER, table)
     write_csv(paths["test_answers"], ["_id", "category_id"],
               ((int(i), int(cat_ids[l])) for i, l in zip(te_ids, te_lab)))
+    if label_noise > 0:
+        paths["label_noise"] = os.path.join(out, LABEL_NOISE_FILE)
+        write_csv(paths["label_noise"], LABEL_NOISE_HEADER,
+                  ((int(tr_ids[i]), int(cat_ids[tr_doc_lab[i]]), int(cat_ids[tr_lab[i]])) for i in which))
     n_img = tr_stats["images"] + te_stats["images"]
     result: Dict[str, object] = dict(paths)
     result.update(
@@ -538,5 +574,6 @@ def make_dataset(
         bytes=sum(os.path.getsize(p) for p in paths.values()),
         mean_jpeg_bytes=(tr_stats["jpeg_bytes"] + te_stats["jpeg_bytes"]) / n_img if n_img else 0.0,
         seconds=time.perf_counter() - t0,
+        noisy_products=int(np.count_nonzero(tr_doc_lab != tr_lab)),
     )
     return result
