@@ -140,16 +140,28 @@ def bench_repack(a) -> dict:
     scan_s = min(bare_scan() for _ in range(2))
     res = {"mode": "repack", "bson_mb": size / 1e6, "bare_scan": {"mb_per_s": size / 1e6 / scan_s}}
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
-        for w in a.workers:
-            t0 = time.perf_counter()
-            m = repack(a.bson, os.path.join(tmp, f"w{w}"), categories=a.categories, workers=w,
-                       shard_size_mb=a.shard_size_mb, overwrite=True, progress=False)
-            dt = time.perf_counter() - t0
-            mbs = size / 1e6 / dt
-            res[f"workers_{w}"] = {"mb_per_s": mbs, "products_per_s": m["counts"]["products_read"] / dt,
-                                   "per_core_over_bare_scan": mbs / w / res["bare_scan"]["mb_per_s"]}
+        for verify in a.verify:
+            for w in a.workers:
+                t0, c0 = time.perf_counter(), _cpu_seconds()
+                m = repack(a.bson, os.path.join(tmp, f"w{w}"), categories=a.categories, workers=w,
+                           shard_size_mb=a.shard_size_mb, verify=verify, overwrite=True, progress=False)
+                dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+                mbs = size / 1e6 / dt
+                key = f"workers_{w}" if len(a.verify) == 1 else f"{verify}_workers_{w}"
+                res[key] = {"verify": verify, "mb_per_s": mbs, "products_per_s": m["counts"]["products_read"] / dt,
+                            "images_per_s": m["counts"]["images_read"] / dt,
+                            "per_core_over_bare_scan": mbs / w / res["bare_scan"]["mb_per_s"],
+                            # CPU seconds of this process and its workers: per-worker speed on a busy machine
+                            "cpu_s": cpu, "mb_per_cpu_s": size / 1e6 / cpu,
+                            "images_per_cpu_s": m["counts"]["images_read"] / cpu}
     res["env"] = environment(threads=max(a.workers))
     return res
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its waited-for children (the repack's pool)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 # ---- baseline: PIL + DataLoader, and bare decode ---------------------------------------------------
@@ -366,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", required=True)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--shard-size-mb", type=float, default=32)
+    p.add_argument("--verify", nargs="+", choices=["header", "decode"], default=["decode"],
+                   help="JPEG check(s) to time, each with every --workers count (default: repack's)")
     p.add_argument("--tmp", default=None, help="where the repacked copies go (deleted afterwards)")
     p.add_argument("--json")
     return ap

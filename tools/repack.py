@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from dali_pipes.writer.jpeg_check import DEFAULT_MAX_SIDE, DEFAULT_VERIFY, VERIFY_MODES
 from dali_pipes.writer.repack import RepackError, repack
 
 
@@ -20,8 +21,12 @@ def main(argv=None) -> int:
     ap.add_argument("--val-fraction", type=float, default=0.01, help="share of products for validation")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     ap.add_argument("--shard-size-mb", type=float, default=256, help="BSON bytes per shard (about)")
-    ap.add_argument("--verify", choices=["header", "decode"], default="header",
-                    help="JPEG check: cheap marker walk (header) or a full strict decode (decode)")
+    ap.add_argument("--verify", choices=VERIFY_MODES, default=DEFAULT_VERIFY,
+                    help="JPEG check: a full strict decode (decode, the default) or only the cheap marker walk "
+                         "(header: about 3x faster, blind to corrupt scan data)")
+    ap.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, metavar="PIXELS",
+                    help="quarantine JPEGs whose header claims more pixels than this on a side "
+                         "(decompression bombs; default %(default)s)")
     ap.add_argument("--unlabelled", action="store_true", help="no category_id expected (test.bson)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing repacked DATA")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
@@ -29,7 +34,7 @@ def main(argv=None) -> int:
     try:
         m = repack(a.bson, a.out, categories=a.categories, val_fraction=a.val_fraction, workers=a.workers,
                    shard_size_mb=a.shard_size_mb, verify=a.verify, unlabelled=a.unlabelled,
-                   overwrite=a.overwrite, progress=not a.quiet)
+                   overwrite=a.overwrite, max_side=a.max_side, progress=not a.quiet)
     except RepackError as e:
         print(f"repack: error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import numpy as np
 from ..fileio import Progress, atomic_write_text, csv_text, is_temp_name
 from ..records import FORMAT_VERSION, IMAGE_FEATURES, MANIFEST, MAX_K, product_features
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
-from .jpeg_check import CHECKS
+from .jpeg_check import DEFAULT_MAX_SIDE, DEFAULT_VERIFY, VERIFY_MODES, make_check
 from .shards import ShardWriter, int_feature
 
 MAX_IMAGE_BYTES = 4 << 20  # the competition's images are ~5 kB; megabytes mean something is wrong
@@ -91,6 +91,7 @@ class Settings:
     verify: str
     max_doc_bytes: int
     max_image_bytes: int
+    max_side: int = DEFAULT_MAX_SIDE
 
 
 @dataclass
@@ -303,7 +304,7 @@ def _process_chunk(args) -> ChunkResult:
     st, chunk, offsets, lengths, ids, dup_of = args
     res = ChunkResult(chunk)
     writers = _ChunkWriters(st.out, chunk)
-    check = CHECKS[st.verify]
+    check = make_check(st.verify, st.max_side)
     val = val_flags(ids, st.val_fraction).tolist() if st.labelled else None
     docs = _documents(st.bson_path, offsets, lengths, st.max_doc_bytes)
     offsets, lengths, ids = offsets.tolist(), lengths.tolist(), ids.tolist()
@@ -363,12 +364,14 @@ def _show(bar: Progress, counters, force: bool = False) -> None:
 
 
 def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fraction: float = 0.01,
-           workers: int = 1, shard_size_mb: float = 256, verify: str = "header", unlabelled: bool = False,
+           workers: int = 1, shard_size_mb: float = 256, verify: str = DEFAULT_VERIFY, unlabelled: bool = False,
            overwrite: bool = False, max_doc_bytes: int = MAX_DOC_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES,
-           progress: bool = True) -> dict:
+           max_side: int = DEFAULT_MAX_SIDE, progress: bool = True) -> dict:
     """Repack ``bson_path`` into ``out``; return the manifest. Raises ``RepackError`` for unusable input."""
-    if verify not in CHECKS:
-        raise RepackError(f"--verify must be one of {', '.join(CHECKS)}, not {verify!r}")
+    if verify not in VERIFY_MODES:
+        raise RepackError(f"--verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
+    if max_side < 1:
+        raise RepackError(f"--max-side must be a positive number of pixels, not {max_side}")
     if not 0.0 <= val_fraction < 1.0:
         raise RepackError(f"--val-fraction must be in [0, 1), not {val_fraction}")
     if not os.path.isfile(bson_path):
@@ -395,7 +398,7 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
     dup_of[known[dup]] = index.offsets[first_of[dup]]
 
     st = Settings(bson_path, out, not unlabelled, class_index, val_fraction, verify, max_doc_bytes,
-                  max_image_bytes)
+                  max_image_bytes, max_side)
     ranges = index.ranges(int(shard_size_mb * (1 << 20)))
     tasks = [(st, c, index.offsets[a:b], index.lengths[a:b], index.ids[a:b], dup_of[a:b])
              for c, (a, b) in enumerate(ranges)]
@@ -469,7 +472,8 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
             "stop_offset": index.stop_offset, "reason": index.stop_reason,
             "unread_bytes": index.file_size - index.stop_offset},
         "settings": {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "verify": verify,
-                     "max_doc_bytes": max_doc_bytes, "max_image_bytes": max_image_bytes},
+                     "max_doc_bytes": max_doc_bytes, "max_image_bytes": max_image_bytes,
+                     "max_side": max_side},
         "source": {"bson": {"name": os.path.basename(bson_path), "size": index.file_size},
                    "categories": ({"name": os.path.basename(categories), "size": os.path.getsize(categories)}
                                   if categories else None)},
