@@ -2,6 +2,7 @@
 
     python -m tools.repack --bson train.bson --categories category_names.csv --out DATA [--workers N]
     python -m tools.repack --bson test.bson --unlabelled --out DATA_TEST
+    python -m tools.repack ... --exclude excluded.csv     (leave out the images tools.clean listed)
 """
 from __future__ import annotations
 
@@ -28,13 +29,17 @@ def main(argv=None) -> int:
                     help="quarantine JPEGs whose header claims more pixels than this on a side "
                          "(decompression bombs; default %(default)s)")
     ap.add_argument("--unlabelled", action="store_true", help="no category_id expected (test.bson)")
+    ap.add_argument("--exclude", metavar="CSV",
+                    help="images to leave out (product_id,image_index[,reason]; what tools.clean writes); each "
+                         "is listed in quarantine.csv")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing repacked DATA")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     a = ap.parse_args(argv)
     try:
         m = repack(a.bson, a.out, categories=a.categories, val_fraction=a.val_fraction, workers=a.workers,
                    shard_size_mb=a.shard_size_mb, verify=a.verify, unlabelled=a.unlabelled,
-                   overwrite=a.overwrite, max_side=a.max_side, progress=not a.quiet)
+                   overwrite=a.overwrite, max_side=a.max_side, progress=not a.quiet,
+                   exclude=a.exclude)
     except RepackError as e:
         print(f"repack: error: {e}", file=sys.stderr)
         return 2
@@ -44,6 +49,10 @@ def main(argv=None) -> int:
           f"  read {c['products_read']:,} products / {c['images_read']:,} images; "
           f"quarantined {c['products_quarantined']:,} products / {c['images_quarantined']:,} images "
           f"(see {os.path.join(a.out, 'quarantine.csv')})")
+    if m.get("exclude"):
+        x = m["exclude"]
+        print(f"  excluded {x['images_excluded']:,} of the {x['listed']:,} images listed in {a.exclude}"
+              + (f" ({x['not_matched']:,} not found in {a.bson} or already quarantined)" if x["not_matched"] else ""))
     if m["incomplete_source"]:
         s = m["incomplete_source"]
         print(f"  WARNING: {a.bson} could not be read past offset {s['stop_offset']:,} ({s['reason']}); "

@@ -25,6 +25,7 @@ import numpy as np
 from ..fileio import Progress, atomic_write_text, csv_text, is_temp_name
 from ..records import FORMAT_VERSION, IMAGE_FEATURES, MANIFEST, MAX_K, product_features
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
+from .exclude import ExcludeError, read_exclude
 from .jpeg_check import DEFAULT_MAX_SIDE, DEFAULT_VERIFY, VERIFY_MODES, make_check
 from .shards import ShardWriter, int_feature
 
@@ -104,13 +105,15 @@ class ChunkResult:
 
 
 _progress = None  # shared counters (products, bytes) set by the pool initializer
+_exclude: Dict[int, Dict[int, str]] = {}  # --exclude: product id -> {image index: reason}, set likewise
 _PROGRESS_EVERY = 256  # products between updates of the shared counters
 _READ_BLOCK = 4 << 20  # BSON bytes read at a time into one reused buffer
 
 
-def _init_worker(progress) -> None:
-    global _progress
+def _init_worker(progress, exclude=None) -> None:
+    global _progress, _exclude
     _progress = progress
+    _exclude = exclude or {}
 
 
 def _report_progress(products: int, nbytes: int) -> None:
@@ -280,6 +283,8 @@ def _read_product(st: Settings, check, res: ChunkResult, off: int, dup: int, doc
         return None
     good: List[int] = []
     pics: List[bytes] = []
+    excluded = _exclude.get(pid) if _exclude else None
+    n_excluded = 0
     for j, img in enumerate(imgs):
         pic = img.get("picture") if isinstance(img, dict) else None
         if not isinstance(pic, (bytes, bytearray)):
@@ -288,6 +293,10 @@ def _read_product(st: Settings, check, res: ChunkResult, off: int, dup: int, doc
             reason = f"image of {len(pic)} bytes exceeds the {st.max_image_bytes}-byte limit"
         else:
             reason = check(pic)
+        if not reason and excluded is not None and j in excluded:
+            reason = excluded[j]
+            res.counts["images_excluded"] += 1
+            n_excluded += 1
         if reason:
             res.quarantine.append([pid, off, j, reason])
             res.counts["images_quarantined"] += 1
@@ -295,7 +304,8 @@ def _read_product(st: Settings, check, res: ChunkResult, off: int, dup: int, doc
             good.append(j)
             pics.append(pic if type(pic) is bytes else bytes(pic))
     if not good:
-        _quarantine(res, pid, off, "", "no readable image (see the image rows)")
+        _quarantine(res, pid, off, "", "all its images are excluded (see the image rows)" if n_excluded == n_imgs
+                    else "no readable image (see the image rows)")
         return None
     return pid, label, good, pics
 
@@ -366,8 +376,10 @@ def _show(bar: Progress, counters, force: bool = False) -> None:
 def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fraction: float = 0.01,
            workers: int = 1, shard_size_mb: float = 256, verify: str = DEFAULT_VERIFY, unlabelled: bool = False,
            overwrite: bool = False, max_doc_bytes: int = MAX_DOC_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES,
-           max_side: int = DEFAULT_MAX_SIDE, progress: bool = True) -> dict:
-    """Repack ``bson_path`` into ``out``; return the manifest. Raises ``RepackError`` for unusable input."""
+           max_side: int = DEFAULT_MAX_SIDE, progress: bool = True, exclude: Optional[str] = None) -> dict:
+    """Repack ``bson_path`` into ``out``; return the manifest. Raises ``RepackError`` for unusable input.
+
+    ``exclude``: a CSV of images to leave out (``dali_pipes.writer.exclude``), each listed in quarantine.csv."""
     if verify not in VERIFY_MODES:
         raise RepackError(f"--verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
     if max_side < 1:
@@ -381,6 +393,11 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
         raise RepackError("a labelled repack needs --categories category_names.csv "
                           "(or pass --unlabelled for test.bson)")
     cats = read_categories(categories) if categories else []
+    try:
+        excluded = read_exclude(exclude) if exclude else {}
+    except ExcludeError as e:
+        raise RepackError(str(e)) from None
+    n_listed = sum(len(v) for v in excluded.values())
     class_index = {row[0]: i for i, row in enumerate(cats)}
     t0 = time.time()
     try:
@@ -408,12 +425,12 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
     bar = Progress("repack", len(index), "products", enabled=progress)
     results: List[ChunkResult] = []
     if workers == 1:
-        _init_worker(counters)
+        _init_worker(counters, excluded)
         for t in tasks:
             results.append(_process_chunk(t))
             _show(bar, counters)
     else:
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(counters,)) as pool:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(counters, excluded)) as pool:
             pending = pool.imap(_process_chunk, tasks)
             for _ in tasks:
                 while True:
@@ -468,6 +485,9 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
                                           "images_read", "images_written", "images_quarantined")},
         "quarantine": {"rows": len(qrows), "products": counts["products_quarantined"],
                        "images": counts["images_quarantined"], "file": "quarantine.csv"},
+        "exclude": None if not exclude else {
+            "file": os.path.basename(exclude), "listed": n_listed, "images_excluded": counts["images_excluded"],
+            "not_matched": n_listed - counts["images_excluded"]},
         "incomplete_source": None if index.complete else {
             "stop_offset": index.stop_offset, "reason": index.stop_reason,
             "unread_bytes": index.file_size - index.stop_offset},
