@@ -56,7 +56,7 @@ def test_kill_during_checkpoint_write_leaves_previous_last_loadable(tmp_path):
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(1000))
     assert checkpoint.remove_stale_temps(str(tmp_path)) and not [
         p for p in os.listdir(tmp_path) if checkpoint.TMP_SUFFIX in p]
-    with pytest.raises(checkpoint.CheckpointError, match="not a loadable checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint of this trainer: a damaged or truncated"):
         torn_file = tmp_path / "torn.pt"
         torn_file.write_bytes(open(path, "rb").read()[:100])
         checkpoint.load(str(torn_file))
@@ -88,3 +88,30 @@ def test_a_checkpoint_of_another_model_or_class_map_is_refused():
         checkpoint.check_model(ckpt, "RUN/last.pt", "tiny", "first", create_model("tiny", 6, head="first"))
     with pytest.raises(DatasetError, match="class map differs"):
         checkpoint.check_classes(ckpt, "RUN/last.pt", [10, 11, 12, 13, 15])
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so_without_torchs_advice(tmp_path):
+    """Garbage bytes, an empty file, a pickled module, a dict without our fields: each is 'not a checkpoint of
+    this trainer', with what to pass instead, never torch's advice to load with weights_only=False."""
+    files = {"garbage.pt": np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(), "empty.pt": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a whole pickled module
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    expect = {"garbage.pt": "not a torch file", "empty.pt": "the file is empty",
+              "module.pt": "holds Python objects", "foreign.pt": "without its fields"}
+    for name, what in expect.items():
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.load(str(tmp_path / name))
+        msg = str(e.value)
+        assert f"{name} is not a checkpoint of this trainer" in msg and what in msg and "RUN/best.pt" in msg
+        assert "weights_only" not in msg
+    # What a user of predict sees: one line, exit 2, nothing from torch.
+    p = subprocess.run([sys.executable, "-m", "tools.predict", "--bson", str(tmp_path / "test.bson"),
+                        "--checkpoint", str(tmp_path / "garbage.pt"), "--out", str(tmp_path / "sub.csv")],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        f"predict: error: {tmp_path / 'garbage.pt'} is not a checkpoint of this trainer: not a torch file at all. "
+        "Pass RUN/best.pt or RUN/last.pt written by train/run.sh (a damaged RUN/last.pt: delete it, and the run "
+        "starts over)"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import random
 import shutil
+import warnings
 from typing import List
 
 import numpy as np
@@ -49,16 +51,44 @@ def remove_stale_temps(run_dir: str) -> List[str]:
 
 
 def load(path: str) -> dict:
+    """The checkpoint at ``path``, loaded with ``weights_only=True``; a CheckpointError that says what the
+    file is and what to pass instead for anything else (torch's own advice to load untrusted files with
+    ``weights_only=False`` is never shown: a checkpoint of this trainer never needs it)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; pass a checkpoint file in it, e.g. "
+                              f"{os.path.join(path, 'best.pt')}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the weights-only unpickler warns about foreign pickles
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # a torn or foreign file: say which and why
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e}); it was not written "
-                              "by train/ or is damaged: delete it to start over, or use best.pt") from None
+        raise CheckpointError(f"{path}: no such checkpoint; pass RUN/best.pt or RUN/last.pt of a run of "
+                              "train/run.sh") from None
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: say which, not torch's advice
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer: {_what_it_is(path, e)}. Pass "
+                              "RUN/best.pt or RUN/last.pt written by train/run.sh (a damaged RUN/last.pt: "
+                              "delete it, and the run starts over)") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a checkpoint of this trainer (format {FORMAT} expected)")
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer: a torch file without its fields "
+                              f"(format {FORMAT}, model, ...). Pass RUN/best.pt or RUN/last.pt written by "
+                              "train/run.sh")
     return ckpt
+
+
+def _what_it_is(path: str, error: Exception) -> str:
+    """A short description of a file that torch.load refused, from its first bytes and the error's type."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror})"
+    if not head:
+        return "the file is empty"
+    if head == b"PK\x03\x04":  # torch's zip format
+        if isinstance(error, pickle.UnpicklingError):
+            return "a torch file that holds Python objects, not just tensors and plain values"
+        return "a damaged or truncated torch file"
+    return "not a torch file at all"
 
 
 # ---- RNG states as plain data ---------------------------------------------------------------------

@@ -6,10 +6,12 @@ resolved config is written into the run directory and stored in each checkpoint 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -22,6 +24,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 AMP_MODES = ("bf16", "fp16", "off")
 HEADS = ("first", "vgg", "linear")
 EARLY_STOP_METRICS = ("product_acc", "image_acc")
+AUX_LEVELS = (1, 2)  # hierarchy levels with a head of their own (dali_pipes.dataset.LEVELS)
 
 
 class ConfigError(ValueError):
@@ -36,6 +39,7 @@ class ModelConfig:
     channels_last: bool = True  # NHWC memory format for the model and its input
     compile: bool = False  # torch.compile the (DDP-wrapped) model
     sync_bn: bool = False  # SyncBatchNorm across ranks (only with more than one process)
+    aux_levels: List[int] = field(default_factory=list)  # hierarchy heads: [1, 2] adds a head per level
 
 
 @dataclass
@@ -54,6 +58,7 @@ class OptimConfig:
     fused: bool = True  # fused Adam kernel where torch has one for the device
     grad_clip: float = 0.0  # max global grad norm; 0: no clipping
     label_smoothing: float = 0.0
+    aux_weight: float = 0.5  # weight of each hierarchy head's cross-entropy (model.aux_levels)
 
 
 @dataclass
@@ -90,6 +95,12 @@ class Config:
         self.data.validate()
         if self.model.head not in HEADS:
             raise ConfigError(f"model.head must be one of {', '.join(HEADS)}, not {self.model.head!r}")
+        lv = self.model.aux_levels
+        if any(v not in AUX_LEVELS for v in lv) or len(set(lv)) != len(lv):
+            raise ConfigError(f"model.aux_levels must list distinct levels out of {list(AUX_LEVELS)} "
+                              f"(category_level1, category_level2), not {lv}")
+        if self.optim.aux_weight < 0:
+            raise ConfigError("optim.aux_weight must be >= 0")
         if self.train.amp not in AMP_MODES:
             raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, not {self.train.amp!r}")
         if not 0 < self.train.epochs < math.inf:
@@ -277,3 +288,72 @@ def load_config(recipe: str, overrides: Sequence[str] = ()) -> Config:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# ---- the checks before a run starts -------------------------------------------------------------
+def default_run_dir(recipe: str) -> str:
+    """``runs/RECIPE`` (the recipe's file name without .yaml)."""
+    return os.path.join("runs", os.path.splitext(os.path.basename(recipe))[0])
+
+
+def check_data(cfg: Config) -> None:
+    """The run's data directory: given, a finished labelled repack, with the shards the recipe reads.
+    Reads the manifest and classes.csv only (the loader checks every shard's index)."""
+    if cfg.data.backend == "synthetic":
+        return
+    path = cfg.data.path
+    if not path:
+        raise ConfigError("a data directory is required: pass --data DATA (a directory made by "
+                          "python -m tools.repack) or set data.path in the recipe")
+    from dali_pipes.dataset import DatasetError, open_dataset
+
+    try:
+        ds = open_dataset(path)
+        if not ds.manifest.get("labelled"):
+            raise ConfigError(f"{path} is an unlabelled repack (made with --unlabelled, for predict); train on a "
+                              "repack of train.bson made with --categories")
+        ds.shard_infos("train", cfg.data.tiled_k)
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
+
+
+def resolve_run(recipe: str, data: Optional[str] = None, overrides: Sequence[str] = (),
+                out: Optional[str] = None) -> Tuple[Config, str]:
+    """``(config, run directory)`` of ``train/run.sh RECIPE [--data DATA] [--out RUN] [overrides]``, checked:
+    the recipe, every override, the data directory, and the files the config names. Raises ConfigError."""
+    cfg = load_config(recipe, overrides)
+    if data:
+        cfg.data.path = data
+    run_dir = out or default_run_dir(recipe)
+    check_data(cfg)
+    resuming = os.path.isfile(os.path.join(run_dir, "last.pt"))  # then train.init_from is not read
+    for key, value in (("model.pretrained", cfg.model.pretrained),
+                       ("train.init_from", None if resuming else cfg.train.init_from)):
+        if value and not os.path.isfile(value):
+            raise ConfigError(f"{key}={value}: no such file")
+    return cfg, run_dir
+
+
+def main(argv=None) -> int:
+    """``python -m train.config RECIPE [--data DATA] [--out RUN] [section.key=value ...]``: check what
+    ``train/run.sh`` would start with (run.sh does, before torchrun) and print the resolved config. A mistake
+    is one line on stderr and exit status 2."""
+    p = argparse.ArgumentParser(prog="python -m train.config", description=main.__doc__.split(":", 1)[1].strip())
+    p.add_argument("recipe", help="a name in train/configs/ or a path to a YAML")
+    p.add_argument("--data", help="repacked DATA directory (sets data.path)")
+    p.add_argument("--out", help="run directory (default: runs/RECIPE)")
+    p.add_argument("--quiet", action="store_true", help="print nothing when all is well")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    a = p.parse_intermixed_args(argv)
+    try:
+        cfg, _ = resolve_run(a.recipe, a.data, a.overrides, a.out)
+    except ConfigError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    if not a.quiet:
+        print(dump_yaml(cfg), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

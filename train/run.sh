@@ -22,7 +22,8 @@ usage() {
 case "$1" in -h|--help) usage 0 ;; esac
 recipe=$1
 shift
-args=()
+args=()       # --data/--out, then the overrides (train.train reads options before its positionals)
+overrides=()
 nproc=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -35,13 +36,19 @@ while [ $# -gt 0 ]; do
         --nproc=*) nproc=${1#*=}; shift ;;
         -h|--help) usage 0 ;;
         -*) echo "run.sh: unknown option $1 (overrides are written section.key=value)" >&2; exit 2 ;;
-        *) args+=("$1"); shift ;;
+        *) overrides+=("$1"); shift ;;
     esac
 done
+args+=(${overrides[@]+"${overrides[@]}"})
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python}
+
+# The recipe, the overrides and the data directory, checked in one process before torchrun starts: a
+# mistake prints one line and exits 2 (inside torchrun it would come with a failure report per worker), and
+# nothing is written.
+"$py" -m train.config --quiet "$recipe" ${args[@]+"${args[@]}"} || exit $?
 
 # Visible GPUs, without paying for a torch import: CUDA_VISIBLE_DEVICES if set, else nvidia-smi, else the
 # driver's /proc entries.

@@ -26,7 +26,7 @@ from dali_pipes.fileio import atomic_write_text
 from models import create_model, param_groups
 
 from . import checkpoint
-from .config import Config, ConfigError, dump_yaml, from_dict, load_config, to_dict
+from .config import Config, ConfigError, dump_yaml, from_dict, resolve_run, to_dict
 from .distributed import Dist, all_gather_object, all_reduce, barrier, cleanup, setup
 from .evaluate import evaluate
 from .metrics import RunLog, memory_text, plot_curves, progress_line, summary
@@ -73,7 +73,6 @@ class Trainer:
             stale = checkpoint.remove_stale_temps(run_dir)
             if stale:
                 self.note(f"removed {len(stale)} unfinished checkpoint write(s): {', '.join(stale)}")
-            atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
         barrier(d)
 
         # The checkpoint to resume from, if this RUN has one (every rank reads it: RUN is shared storage).
@@ -158,6 +157,8 @@ class Trainer:
         torch.manual_seed(tc.seed + d.rank)
         if ck and ck["world_size"] == d.world_size:
             checkpoint.set_rng_state(ck["rng"][d.rank], self.dev)
+        if d.is_main:  # written once the run could start: a failed start leaves no RUN/config.yaml
+            atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
         self.log = RunLog(run_dir, d.is_main, tc.tensorboard, resume_step=self.step if ck else None)
         self._reset_interval()
 
@@ -403,12 +404,9 @@ def main(argv=None) -> int:
     d = None
     trainer = None
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.data:
-            cfg.data.path = args.data
+        cfg, run_dir = resolve_run(args.config, args.data, args.overrides, args.out)
         if cfg.train.deterministic:  # cuBLAS reads this when CUDA starts
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        run_dir = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
         d = setup()
         if not d.is_main:  # non-zero ranks stay quiet, library prints included; errors still go to stderr
             sys.stdout = open(os.devnull, "w")
