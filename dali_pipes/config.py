@@ -23,8 +23,9 @@ class DataConfig:
     initial_fill: int = 4096  # shuffle buffer of the reader
     dtype: str = "float32"  # output dtype of the images
     channels_last: bool = False  # NHWC output instead of NCHW
-    mean: List[float] = field(default_factory=lambda: [0.485 * 255, 0.456 * 255, 0.406 * 255])
-    std: List[float] = field(default_factory=lambda: [0.229 * 255, 0.224 * 255, 0.225 * 255])
+    # ImageNet's mean and std (0.485, 0.456, 0.406 and 0.229, 0.224, 0.225) x 255, as YAML prints them
+    mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     seed: int = 42
     synthetic_num_classes: int = 1000  # synthetic backend only (no DATA to read the class count from)
     synthetic_steps: int = 100  # synthetic backend: steps per epoch
