@@ -1,5 +1,6 @@
 """tools.bench: every mode runs a few steps on generated data and writes the agreed JSON keys."""
 import json
+import os
 
 import pytest
 
@@ -49,15 +50,22 @@ def test_train_synthetic_only(tmp_path):
 
 
 def test_predict(trained_demo, tmp_path):
-    from tools import repack
+    from dali_pipes.writer.bson_io import iter_products
 
-    test_data = tmp_path / "T"
-    assert repack.main(["--bson", str(trained_demo["raw"] / "test.bson"), "--unlabelled", "--out", str(test_data),
-                        "--quiet"]) == 0
-    res = run_mode(tmp_path, "predict", "--data", str(test_data), "--checkpoint", trained_demo["ckpt"],
-                   "--batch", "32", "--threads", "1")
-    assert res["mode"] == "predict" and res["images_per_s"] > 0 and res["products_per_s"] > 0
-    assert res["images_per_s"] >= res["products_per_s"]  # at least one image per product
+    test_bson = trained_demo["raw"] / "test.bson"
+    res = run_mode(tmp_path, "predict", "--bson", str(test_bson), "--checkpoint", trained_demo["ckpt"],
+                   "--batch", "32", "--threads", "1", "--seconds", "1", "--forward-batches", "3", "--tmp", str(tmp_path))
+    docs = list(iter_products(str(test_bson)))
+    assert res["mode"] == "predict" and res["products"] == len(docs)
+    assert res["images"] == sum(len(d["imgs"]) for d in docs)
+    assert res["repack"]["images_per_s"] == pytest.approx(res["images"] / res["repack"]["seconds"])
+    e2e = res["end_to_end"]
+    assert res["images_per_s"] == pytest.approx(res["images"] / e2e["seconds"])
+    assert res["products_per_s"] == pytest.approx(res["products"] / e2e["seconds"])
+    assert res["forward_only"]["images"] == 3 * 32 and res["forward_only"]["images_per_s"] > 0
+    assert res["end_to_end_over_forward_only"] == pytest.approx(res["images_per_s"] / res["forward_only"]["images_per_s"])
+    assert 0 <= e2e["data_wait_share"] <= 1 and e2e["loader_build_seconds"] < e2e["seconds"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("predict-")]  # the repack was cleaned up
 
 
 def test_repack(synthetic_dir, tmp_path):

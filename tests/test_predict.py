@@ -74,19 +74,6 @@ def test_one_row_per_product_in_order_and_accurate(trained, tmp_path):
     assert rows(str(out).replace(".csv", ".report.csv")) == []
 
 
-def test_ensemble_of_the_same_checkpoint_equals_one_and_flip_changes_probs(trained, tmp_path, capsys):
-    one, _ = predict(trained, tmp_path, capsys, "--probs", str(tmp_path / "one.npy"), name="one.csv")
-    two, _ = predict(trained, tmp_path, capsys, "--checkpoint", trained["ckpt"] + ":2", "--probs", str(tmp_path / "two.npy"),
-                     name="two.csv")
-    flip, _ = predict(trained, tmp_path, capsys, "--tta", "flip", "--probs", str(tmp_path / "flip.npy"), name="flip.csv")
-    p1, p2, pf = (np.load(tmp_path / f"{n}.npy").astype(np.float32) for n in ("one", "two", "flip"))
-    assert rows(one) == rows(two)
-    np.testing.assert_allclose(p1, p2, atol=2e-3)
-    np.testing.assert_allclose(p1.sum(1), 1.0, atol=1e-2)
-    assert len(rows(flip)) == len(rows(one)) == p1.shape[0]
-    assert np.abs(pf - p1).max() > 1e-3  # the mirrored views were really used
-
-
 def test_checkpoint_with_another_class_map_is_refused(trained, tmp_path, capsys):
     ck = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
     ck["category_ids"] = list(reversed(ck["category_ids"]))
@@ -135,19 +122,6 @@ def test_unknown_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     assert rc == 2 and "missing.pt: no such checkpoint" in capsys.readouterr().err
 
 
-def test_tiled_models_change_only_products_with_their_image_count(trained, tmp_path, capsys):
-    # The demo checkpoint is fully convolutional, so it can stand in for a tiled model of any K.
-    base, _ = predict(trained, tmp_path, capsys, "--probs", str(tmp_path / "base.npy"), name="base.csv")
-    tiled, _ = predict(trained, tmp_path, capsys, "--tiled", f"2={trained['ckpt']}", "--tiled",
-                       f"4={trained['ckpt']}", "--probs", str(tmp_path / "tiled.npy"), name="tiled.csv")
-    pb, pt = np.load(tmp_path / "base.npy").astype(np.float32), np.load(tmp_path / "tiled.npy").astype(np.float32)
-    k = np.array([len(d["imgs"]) for d in iter_products(str(trained["raw"] / "test.bson"))])
-    assert [x["_id"] for x in rows(base)] == [x["_id"] for x in rows(tiled)]
-    changed = np.abs(pb - pt).max(1) > 1e-3
-    assert not changed[(k == 1) | (k == 3)].any()
-    assert changed[(k == 2) | (k == 4)].all() and ((k == 2) | (k == 4)).sum() > 10
-
-
 def test_labels_from_a_labelled_bson(trained, tmp_path, capsys):
     answers = {int(x["_id"]): int(x["category_id"]) for x in rows(trained["raw"] / "test_answers.csv")}
     docs = [dict(d, category_id=answers[d["_id"]]) for d in iter_products(str(trained["raw"] / "test.bson"))][:40]
@@ -160,3 +134,225 @@ def test_labels_from_a_labelled_bson(trained, tmp_path, capsys):
     sub = rows(out)
     assert acc == pytest.approx(np.mean([int(x["category_id"]) == answers[int(x["_id"])] for x in sub]), abs=1e-4)
     assert len(sub) == 40
+
+
+# ---- values computed by hand: PIL decode, centre crop, the model, softmax, means ------------------------------
+N_SMALL = 40  # the first products of the demo test set: 1 to 4 images each
+
+
+@pytest.fixture(scope="module")
+def small(trained, tmp_path_factory):
+    """The first N_SMALL demo test products as a BSON and its unlabelled repack, their JPEGs per product,
+    and a second checkpoint (the demo one with its last layer changed) for ensembles and tiled models."""
+    from tools import repack
+
+    d = tmp_path_factory.mktemp("small")
+    docs = list(iter_products(str(trained["raw"] / "test.bson")))[:N_SMALL]
+    with open(d / "test.bson", "wb") as f:
+        for doc in docs:
+            f.write(bson.encode(doc))
+    assert repack.main(["--bson", str(d / "test.bson"), "--unlabelled", "--out", str(d / "T"), "--quiet"]) == 0
+    ck = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    ck["model"]["fc.weight"] = ck["model"]["fc.weight"][torch.randperm(ck["model"]["fc.weight"].shape[0], generator=g)]
+    torch.save(ck, d / "other.pt")
+    return {"dir": d, "bson": d / "test.bson", "data": d / "T", "ids": [doc["_id"] for doc in docs],
+            "pics": [[img["picture"] for img in doc["imgs"]] for doc in docs], "other": str(d / "other.pt")}
+
+
+def _loader_dtype(small, ckpt):
+    """What the eval loader hands the model (float pictures normalized by the loader, or uint8)."""
+    from train.predict import load_member, make_loader
+
+    m = load_member(ckpt, torch.device("cpu"))
+    images, _, _ = next(iter(make_loader(m, str(small["data"]), "dali-cpu", 4, 1, torch.device("cpu"))))
+    return images.dtype
+
+
+class Hand:
+    """A checkpoint's model run by hand on PIL-decoded, centre-cropped pictures."""
+
+    def __init__(self, ckpt, uint8):
+        from models import create_model
+
+        c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        self.model = create_model(c["model_name"], int(c["num_classes"]), head=c["config"]["model"]["head"])
+        self.model.load_state_dict(c["model"])
+        self.model.eval()
+        data = c["config"]["data"]
+        self.crop, self.uint8 = data["crop"], uint8
+        if not uint8:  # a loader that still normalizes, with the checkpoint's settings
+            self.mean, self.std = np.array(data["mean"], np.float32), np.array(data["std"], np.float32)
+
+    def crop_of(self, jpeg):
+        from PIL import Image
+
+        a = np.asarray(Image.open(__import__("io").BytesIO(jpeg)).convert("RGB"))
+        y, x = (a.shape[0] - self.crop) // 2, (a.shape[1] - self.crop) // 2
+        return a[y:y + self.crop, x:x + self.crop]
+
+    def probs(self, pictures, flip=False):
+        """(N, C) float64 softmax of (N, H, W, 3) uint8 pictures."""
+        a = np.stack(pictures)
+        if flip:
+            a = a[:, :, ::-1]
+        a = np.ascontiguousarray(a)
+        x = torch.from_numpy(a) if self.uint8 else \
+            torch.from_numpy(((a.astype(np.float32) - self.mean) / self.std).transpose(0, 3, 1, 2).copy())
+        with torch.no_grad():
+            return self.model(x).double().softmax(1).numpy()
+
+    def product(self, jpegs, flip=False):
+        crops = [self.crop_of(j) for j in jpegs]
+        p = self.probs(crops)
+        if flip:
+            p = (p + self.probs(crops, flip=True)) / 2
+        return p.mean(0)
+
+    def tiled(self, jpegs):
+        c = [self.crop_of(j) for j in jpegs[:4]]
+        pic = np.concatenate([np.concatenate(c[:2], 1), np.concatenate(c[2:], 1)], 0) if len(c) == 4 \
+            else np.concatenate(c, 1)
+        return self.probs([pic])[0]
+
+
+def predict_small(small, tmp_path, capsys, name, *extra, ckpt=None, trained=None):
+    from tools import predict as cli
+
+    out = tmp_path / f"{name}.csv"
+    capsys.readouterr()
+    rc = cli.main(["--data", str(small["data"]), "--checkpoint", ckpt, "--out", str(out), "--threads", "1",
+                   "--quiet", "--probs", str(tmp_path / f"{name}.npy"), *extra])
+    assert rc == 0, capsys.readouterr()
+    sub = rows(out)
+    assert [int(x["_id"]) for x in sub] == small["ids"]
+    return sub, np.load(tmp_path / f"{name}.npy").astype(np.float64)
+
+
+def test_product_probabilities_are_image_means_by_hand_and_batches_cut_products(trained, small, tmp_path, capsys):
+    hand = Hand(trained["ckpt"], _loader_dtype(small, trained["ckpt"]) == torch.uint8)
+    expect = np.stack([hand.product(p) for p in small["pics"]])
+    counts = np.array([len(p) for p in small["pics"]])
+    start = np.cumsum(counts) - counts
+    cut = start // 3 != (start + counts - 1) // 3  # products whose images straddle a batch of 3
+    assert cut.sum() >= 5 and set(counts) == {1, 2, 3, 4}
+    sub3, p3 = predict_small(small, tmp_path, capsys, "b3", "--batch", "3", ckpt=trained["ckpt"])
+    sub64, p64 = predict_small(small, tmp_path, capsys, "b64", "--batch", "64", ckpt=trained["ckpt"])
+    np.testing.assert_allclose(p3, expect, atol=2e-3)
+    np.testing.assert_allclose(p64, expect, atol=2e-3)
+    assert sub3 == sub64
+    cats = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)["category_ids"]
+    top2 = np.sort(expect, 1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-2
+    assert clear.sum() > N_SMALL // 2
+    assert [int(x["category_id"]) for x, c in zip(sub3, clear) if c] == \
+        [cats[i] for i in expect.argmax(1)[clear]]
+
+
+def test_weighted_ensemble_of_two_checkpoints_and_flip_tta_by_hand(trained, small, tmp_path, capsys):
+    uint8 = _loader_dtype(small, trained["ckpt"]) == torch.uint8
+    a, b = Hand(trained["ckpt"], uint8), Hand(small["other"], uint8)
+    pa = np.stack([a.product(p) for p in small["pics"]])
+    pb = np.stack([b.product(p) for p in small["pics"]])
+    assert np.abs(pa - pb).max() > 0.05  # two different models
+    _, pe = predict_small(small, tmp_path, capsys, "ens", "--checkpoint", small["other"] + ":3", "--batch", "5",
+                          ckpt=trained["ckpt"])
+    np.testing.assert_allclose(pe, (pa + 3 * pb) / 4, atol=2e-3)
+    _, pf = predict_small(small, tmp_path, capsys, "flip", "--tta", "flip", "--batch", "5", ckpt=trained["ckpt"])
+    flipped = np.stack([a.product(p, flip=True) for p in small["pics"]])
+    assert np.abs(flipped - pa).max() > 0.01  # the mirror view changes the answer
+    np.testing.assert_allclose(pf, flipped, atol=2e-3)
+
+
+def test_tiled_models_blend_half_and_half_by_hand(trained, small, tmp_path, capsys):
+    uint8 = _loader_dtype(small, trained["ckpt"]) == torch.uint8
+    a, b = Hand(trained["ckpt"], uint8), Hand(small["other"], uint8)
+    _, pt = predict_small(small, tmp_path, capsys, "tiled", "--tiled", f"2={small['other']}", "--tiled",
+                          f"4={small['other']}", "--batch", "3", ckpt=trained["ckpt"])
+    for pics, got in zip(small["pics"], pt):
+        img = a.product(pics)
+        want = (img + b.tiled(pics)) / 2 if len(pics) in (2, 4) else img
+        np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+# ---- duplicate lookup --------------------------------------------------------------------------------------
+def test_repack_records_every_image_hash_with_its_product_and_category(trained):
+    import hashlib
+
+    from dali_pipes.writer.repack import HASHES_FILE
+
+    h = np.load(os.path.join(str(trained["data"]), HASHES_FILE))
+    want = sorted((int.from_bytes(hashlib.blake2b(img["picture"], digest_size=8).digest(), "little"), d["_id"],
+                   d["category_id"]) for d in iter_products(str(trained["raw"] / "train.bson")) for img in d["imgs"])
+    assert sorted(zip(h["hash"].tolist(), h["product_id"].tolist(), h["category_id"].tolist())) == want
+    assert np.all(np.diff(h["hash"].astype(np.float64)) >= 0)  # sorted for the lookup
+
+
+def test_dedup_gives_duplicates_the_train_label(trained, small, tmp_path, capsys):
+    from tools import repack
+
+    cats = [int(x["category_id"]) for x in rows(trained["raw"] / "category_names.csv")]
+    base, _ = predict_small(small, tmp_path, capsys, "base", ckpt=trained["ckpt"])
+    model_says = {int(x["_id"]): int(x["category_id"]) for x in base}
+    one = next(i for i, p in enumerate(small["pics"]) if len(p) == 1)
+    two = next(i for i, p in enumerate(small["pics"]) if len(p) == 2)
+    i1, (i2a, i2b) = small["pics"][one][0], small["pics"][two]
+    # Train labels the model would not give: the category after the one it predicts.
+    c1 = cats[(cats.index(model_says[small["ids"][one]]) + 1) % len(cats)]
+    c2 = cats[(cats.index(c1) + 1) % len(cats)]
+    c3 = cats[(cats.index(model_says[small["ids"][two]]) + 1) % len(cats)]
+    train = [{"_id": 500003, "category_id": c2, "imgs": [{"picture": i1}]},  # minority label of i1
+             {"_id": 500001, "category_id": c1, "imgs": [{"picture": i1}]},
+             {"_id": 500002, "category_id": c1, "imgs": [{"picture": i1}, {"picture": make_jpeg(3, seed=9)}]},
+             {"_id": 500004, "category_id": c3, "imgs": [{"picture": i2a}, {"picture": i2b}]}]
+    train += [{"_id": 510000 + j, "category_id": cats[j % len(cats)], "imgs": [{"picture": make_jpeg(j % 5, seed=j)}]}
+              for j in range(6)]
+    test = [{"_id": 600001, "imgs": [{"picture": i1}]},  # i1: in 3 train products, 2 of them c1
+            {"_id": 600002, "imgs": [{"picture": i2b}, {"picture": i2a}]},  # both images of 500004
+            {"_id": 600003, "imgs": [{"picture": i2a}, {"picture": make_jpeg(4, seed=77)}]},  # one image only
+            {"_id": 600004, "imgs": [{"picture": make_jpeg(2, seed=78)}]}]
+    for name, docs in (("dtrain.bson", train), ("dtest.bson", test)):
+        with open(tmp_path / name, "wb") as f:
+            for doc in docs:
+                f.write(bson.encode(doc))
+    assert repack.main(["--bson", str(tmp_path / "dtrain.bson"), "--categories",
+                        str(trained["raw"] / "category_names.csv"), "--out", str(tmp_path / "D"), "--quiet"]) == 0
+    out, r = predict(trained, tmp_path, capsys, "--dedup", str(tmp_path / "D"), name="dedup.csv",
+                     bson_path=tmp_path / "dtest.bson")
+    sub = {int(x["_id"]): int(x["category_id"]) for x in rows(out)}
+    plain, _ = predict(trained, tmp_path, capsys, name="plain.csv", bson_path=tmp_path / "dtest.bson")
+    plain = {int(x["_id"]): int(x["category_id"]) for x in rows(plain)}
+    assert sub[600001] == c1 != plain[600001] and sub[600002] == c3 != plain[600002]
+    assert sub[600003] == plain[600003] and sub[600004] == plain[600004]
+    report = {int(x["_id"]): x for x in rows(str(out).replace(".csv", ".report.csv"))}
+    assert set(report) == {600001, 600002}
+    assert report[600001]["reason"].startswith("duplicate of train product 500001 (")
+    assert report[600002]["reason"] == "duplicate of train product 500004"
+    assert int(report[600002]["category_id_written"]) == c3
+    assert "2 products are duplicates" in r.stdout
+
+
+def test_dedup_needs_a_labelled_repack_with_hashes(trained, small, tmp_path, capsys):
+    from dali_pipes.writer.repack import HASHES_FILE
+
+    _, r = predict(trained, tmp_path, capsys, "--dedup", str(small["data"]), bson_path=small["bson"], check=False)
+    assert r.returncode == 2 and "unlabelled repack" in r.stderr
+    import shutil
+
+    d = tmp_path / "old"
+    shutil.copytree(trained["data"], d)
+    os.remove(d / HASHES_FILE)
+    _, r = predict(trained, tmp_path, capsys, "--dedup", str(d), bson_path=small["bson"], check=False)
+    assert r.returncode == 2 and f"{HASHES_FILE} is missing" in r.stderr and "--overwrite" in r.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_predict_matches_cpu(trained, small, tmp_path, capsys):
+    _, cpu = predict_small(small, tmp_path, capsys, "cpu", "--backend", "dali-cpu", "--tta", "flip",
+                           ckpt=trained["ckpt"])
+    _, gpu = predict_small(small, tmp_path, capsys, "gpu", "--backend", "dali-gpu", "--tta", "flip", "--batch", "7",
+                           ckpt=trained["ckpt"])
+    np.testing.assert_allclose(gpu, cpu, atol=0.03)  # bf16 autocast and the GPU JPEG decoder
+    top2 = np.sort(cpu, 1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.1
+    assert (gpu.argmax(1) == cpu.argmax(1))[clear].all()

@@ -241,3 +241,30 @@ def test_label_noise_side_file_matches_the_bson(tmp_path):
     assert {int(r[0]): (int(r[1]), int(r[2])) for r in rows[1:]} == changed
     assert open(noisy_dir / "test.bson", "rb").read() == open(clean["test_bson"], "rb").read()
     assert not os.path.exists(os.path.dirname(clean["train_bson"]) + "/train_label_noise.csv")
+
+
+def test_duplicates_copy_train_images_into_that_share_of_test_products(tmp_path):
+    """--duplicates 0.3: exactly round(0.3 * 30) test products carry, byte for byte, the images of the train
+    product listed for them in test_duplicates.csv, and its category is their answer; train.bson and the
+    other test products are those of the set without duplicates (same seed)."""
+    clean = _small(tmp_path / "clean", seed=4)
+    assert make_synthetic.main(["--out", str(tmp_path / "dup"), "--products", "120", "--test-products", "30",
+                                "--categories", "8", "--seed", "4", "--duplicates", "0.3"]) == 0
+    d = tmp_path / "dup"
+    assert open(d / "train.bson", "rb").read() == open(clean["train_bson"], "rb").read()
+    train = {x["_id"]: x for x in _docs(d / "train.bson")}
+    test, test0 = _docs(d / "test.bson"), _docs(clean["test_bson"])
+    rows = _read_csv(d / "test_duplicates.csv")
+    assert rows[0] == ["_id", "train_id"]
+    listed = {int(r[0]): int(r[1]) for r in rows[1:]}
+    assert len(listed) == 9  # round(0.3 * 30)
+    answers = {int(r[0]): int(r[1]) for r in _read_csv(d / "test_answers.csv")[1:]}
+    train_pics = {img["picture"] for x in train.values() for img in x["imgs"]}
+    assert [x["_id"] for x in test] == [x["_id"] for x in test0]
+    for x, x0 in zip(test, test0):
+        if x["_id"] in listed:
+            src = train[listed[x["_id"]]]
+            assert x["imgs"] == src["imgs"] and answers[x["_id"]] == src["category_id"]
+        else:
+            assert x == x0 and not any(img["picture"] in train_pics for img in x["imgs"])
+    assert not os.path.exists(os.path.dirname(clean["test_bson"]) + "/test_duplicates.csv")

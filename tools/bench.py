@@ -3,7 +3,7 @@
     python -m tools.bench loader   --data DATA [--backend dali-cpu|dali-gpu] [--batch B] [--threads T]
     python -m tools.bench baseline --data DATA [--batch B] [--threads T]
     python -m tools.bench train    --model resnet50 [--data DATA] [--synthetic] [--amp bf16|fp16|off] ...
-    python -m tools.bench predict  --data DATA --checkpoint RUN/best.pt
+    python -m tools.bench predict  --data DATA_TEST|--bson test.bson --checkpoint RUN/best.pt [--tta flip]
     python -m tools.bench repack   --bson train.bson --categories category_names.csv [--workers 1 2]
 
 Every figure is printed as a table and, with ``--json FILE``, written with the environment so runs on
@@ -316,26 +316,70 @@ def bench_train(a) -> dict:
 def bench_predict(a) -> dict:
     import torch
 
-    from train.predict import load_ensemble, predict
-
-    backend = a.backend or ("dali-gpu" if torch.cuda.is_available() else "dali-cpu")
-    members = load_ensemble(a.checkpoint, torch.device("cuda" if backend == "dali-gpu" else "cpu"))
+    from dali_pipes.config import resolve_backend
     from dali_pipes.dataset import open_dataset
+    from train.predict import Scorer, cleanup, load_ensemble, make_loader, predict, repack_for_predict
 
-    images = open_dataset(a.data).manifest["splits"]["test"]["images"]
-    with tempfile.TemporaryDirectory() as tmp:
-        predict(a.data, members, os.path.join(tmp, "sub.csv"), batch=a.batch, backend=backend,
-                threads=a.threads, tta=a.tta, progress=False)  # warm-up: pipeline build, kernels
-        t0 = time.perf_counter()
-        s = predict(a.data, members, os.path.join(tmp, "sub.csv"), batch=a.batch, backend=backend,
-                    threads=a.threads, tta=a.tta, progress=False)
-        dt = time.perf_counter() - t0
-    return {"mode": "predict", "images_per_s": images / dt, "products_per_s": s["products"] / dt,
-            "backend": backend, "tta": a.tta, "models": len(members), "env": environment(a.batch, a.threads)}
+    if bool(a.data) == bool(a.bson):
+        raise ValueError("bench predict: give either --data DATA_TEST (an unlabelled repack) or --bson test.bson")
+    backend = resolve_backend(a.backend)
+    device = torch.device("cuda" if backend == "dali-gpu" else "cpu")
+    members = load_ensemble(a.checkpoint, device)
+    res = {"mode": "predict", "backend": backend, "tta": a.tta, "models": len(members)}
+    sync = _sync_for(backend)
+    work = None
+    try:
+        data = a.data
+        if a.bson:
+            t0 = time.perf_counter()
+            data, work = repack_for_predict(a.bson, a.tmp, workers=a.threads)
+            dt = time.perf_counter() - t0
+            counts = open_dataset(data).manifest["counts"]
+            res["repack"] = {"seconds": dt, "products_per_s": counts["products_read"] / dt,
+                             "images_per_s": counts["images_read"] / dt}
+        loader = make_loader(members[0], data, backend, a.batch, a.threads, device)
+        batches = []
+        for images, _, _ in loader:
+            batches.append(images.to(device).clone())
+            if len(batches) >= a.forward_batches:
+                break
+        del loader
+        scorer = Scorer(members, a.tta, device)
+        n_forward = sum(b.shape[0] for b in batches)
+
+        def forward_pass():
+            for b in batches:
+                scorer(b)
+            return n_forward
+
+        with torch.no_grad():
+            fwd, _ = timed_loop(forward_pass, warmup=1, seconds=a.seconds, sync=sync)
+        del batches
+        with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
+            t0 = time.perf_counter()
+            s = predict(data, members, os.path.join(tmp, "sub.csv"), batch=a.batch, backend=backend,
+                        threads=a.threads, tta=a.tta, progress=False)
+            dt = time.perf_counter() - t0
+    finally:
+        cleanup(work)
+    e2e = s["images"] / dt
+    res.update({
+        "images": s["images"], "products": s["products"],
+        "images_per_s": e2e, "products_per_s": s["products"] / dt,  # end to end
+        "end_to_end": {"seconds": dt, "loader_build_seconds": s["loader_build_seconds"],
+                       "loop_images_per_s": s["images"] / s["loop_seconds"], "data_wait_share": s["data_wait_share"],
+                       "flip_one_pass": s["flip_one_pass"]},
+        "forward_only": {"images_per_s": fwd, "batches": a.forward_batches, "images": n_forward},
+        "end_to_end_over_forward_only": e2e / fwd,
+        "env": environment(a.batch, a.threads)})
+    return res
 
 
 # ---- command line ------------------------------------------------------------------------------------
 def _common(p, data_required=True):
+    """End to end: one ``train.predict.predict`` call (loader start-up included), against forward-only: the
+    same models and TTA (``train.predict.Scorer``) on the first ``--forward-batches`` batches of the same
+    loader, kept in memory. With ``--bson`` the unlabelled repack is timed on its own first."""
     p.add_argument("--data", required=data_required, help="a repacked DATA directory")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -368,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--classes", type=int, default=5270, help="classes of the synthetic-only run")
-    p = sub.add_parser("predict", help="images/s of the predict path on an unlabelled repack")
-    _common(p)
+    p = sub.add_parser("predict", help="end-to-end predict vs forward-only images/s on an unlabelled repack")
+    _common(p, data_required=False)
+    p.add_argument("--bson", help="a test BSON instead of --data: its unlabelled repack is timed on its own")
     p.add_argument("--checkpoint", action="append", required=True)
     p.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None)
     p.add_argument("--tta", choices=["none", "flip"], default="none")
@@ -394,6 +439,8 @@ def main(argv=None) -> int:
     from dali_pipes.writer.repack import RepackError
 
     a = build_parser().parse_args(argv)
+    p.add_argument("--forward-batches", type=int, default=20, help="batches kept in memory for forward-only")
+    p.add_argument("--tmp", default=None, help="where the --bson repack and the submission go (deleted)")
     print(f"bench {a.mode}:")
     try:
         result = MODES[a.mode](a)

@@ -1,7 +1,7 @@
 """Write a synthetic Cdiscount-format set: train.bson, test.bson, category_names.csv, test_answers.csv.
 
     python -m tools.make_synthetic --out DIR [--products N] [--test-products N] [--categories C] [--seed S]
-        [--label-noise P]
+        [--label-noise P] [--duplicates F]
 """
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--label-noise", type=float, default=0.0, metavar="P",
                     help="give a share P of the train products a wrong category_id at random (their images "
                          "keep the true look), listed in train_label_noise.csv (default 0)")
+    ap.add_argument("--duplicates", type=float, default=0.0, metavar="F",
+                    help="give a share F of the test products the images of a train product of their category "
+                         "(byte-identical copies), listed in test_duplicates.csv (default 0)")
     args = ap.parse_args(argv)
     if args.products < 0 or args.test_products < 0:
         ap.error("product counts must be >= 0")
@@ -33,21 +36,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("--workers must be >= 1")
     if not 0.0 <= args.label_noise <= 1.0:
         ap.error("--label-noise must be in [0, 1]")
+    if not 0.0 <= args.duplicates <= 1.0:
+        ap.error("--duplicates must be in [0, 1]")
 
     from tools import synthetic
 
     kw = {} if args.quality is None else {"quality": args.quality}
     r = synthetic.make_dataset(args.out, products=args.products, test_products=args.test_products,
                                categories=args.categories, seed=args.seed, workers=args.workers,
-                               label_noise=args.label_noise, **kw)
+                               label_noise=args.label_noise, duplicates=args.duplicates, **kw)
     images = r["train_images"] + r["test_images"]
     print(f"wrote {os.path.abspath(args.out)}")
-    for key in ("train_bson", "test_bson", "category_names", "test_answers", "label_noise"):
+    for key in ("train_bson", "test_bson", "category_names", "test_answers", "label_noise", "duplicates"):
         if key in r:
             print(f"  {os.path.basename(r[key]):<22} {os.path.getsize(r[key]) / 1e6:9.2f} MB")
     if "label_noise" in r:
         print(f"label noise: {r['noisy_products']} train products relabelled at random "
               f"(listed in {os.path.basename(r['label_noise'])})")
+    if "duplicates" in r:
+        print(f"duplicates: {r['duplicate_products']} test products copy a train product's images "
+              f"(listed in {os.path.basename(r['duplicates'])})")
     print(f"products: {r['train_products']} train, {r['test_products']} test; categories: {r['categories']}; "
           f"images: {images} (mean {r['mean_jpeg_bytes'] / 1e3:.2f} kB)")
     print(f"total {r['bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s "

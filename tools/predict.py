@@ -2,7 +2,7 @@
 
     python -m tools.predict --bson test.bson --checkpoint RUN/best.pt [--checkpoint OTHER.pt:0.5 ...]
         [--tta none|flip] [--tiled 2=RUN_K2/best.pt ...] [--batch B] [--backend dali-gpu|dali-cpu]
-        --out submission.csv [--probs probs.npy] [--topk 5] [--labels test_answers.csv]
+        --out submission.csv [--probs probs.npy] [--topk 5] [--labels test_answers.csv] [--dedup DATA]
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
                                                  "(default: the class predicted most often)")
     ap.add_argument("--labels", help="answers (_id,category_id CSV, or a labelled .bson): print the "
                                      "product-level accuracy")
+    ap.add_argument("--dedup", metavar="DATA", help="the labelled train repack: a test product whose images "
+                    "are all byte-identical to train images gets their category (listed in the report)")
     ap.add_argument("--workdir", help="where --bson is repacked (default: the system temp dir)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
             data, tmp = repack_for_predict(a.bson, a.workdir, workers=a.threads)
         s = predict(data, members, a.out, tta=a.tta, tiled=dict(a.tiled), batch=a.batch, backend=backend,
                     threads=a.threads, probs_path=a.probs, topk=a.topk, fallback=a.fallback,
-                    labels_csv=a.labels, progress=not a.quiet)
+                    labels_csv=a.labels, dedup=a.dedup, progress=not a.quiet)
     except (PredictError, RepackError, DatasetError, RuntimeError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
@@ -69,6 +71,10 @@ def main(argv=None) -> int:
         cleanup(tmp)
     print(f"wrote {s['submission']}: {s['products']:,} products ({s['predicted']:,} predicted from images, "
           f"{s['fallback']:,} without a readable image -> fallback, listed in {s['report']}) "
+    if a.dedup:
+        print(f"  {s['duplicates']:,} products are duplicates of train products and get their category "
+              f"(listed in {s['report']})")
+    print(f"  data wait {100 * s['data_wait_share']:.0f}% of the prediction loop")
           f"in {s['seconds']:.1f}s")
     if s["no_id"]:
         print(f"  {s['no_id']} documents had no _id and get no row; see {s['report']}")

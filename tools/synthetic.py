@@ -495,6 +495,52 @@ def noisy_labels(labels: np.ndarray, categories: int, fraction: float, seed: int
     return which, (labels[which] + shift) % categories
 
 
+DUPLICATES_FILE = "test_duplicates.csv"
+DUPLICATES_HEADER = ["_id", "train_id"]
+
+
+def duplicate_sources(train_labels: np.ndarray, test_labels: np.ndarray, fraction: float,
+                      seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Test products that copy a train product's images, and the train product each copies:
+    ``round(fraction * n)`` test products drawn at random, each given a random train product of its own
+    category (of any category when its category has none). A stream of its own: the rest of the set is the
+    same with or without duplicates."""
+    n = len(test_labels)
+    k = int(round(fraction * n)) if len(train_labels) else 0
+    rng = np.random.default_rng([seed, 0xD0B1])
+    which = np.sort(rng.choice(n, size=k, replace=False)) if k else np.zeros(0, np.int64)
+    by_label: Dict[int, np.ndarray] = {}
+    src = np.zeros(k, np.int64)
+    for j, lab in enumerate(test_labels[which].tolist()):
+        pool = by_label.get(lab)
+        if pool is None:
+            pool = by_label[lab] = np.flatnonzero(train_labels == lab)
+        if not len(pool):
+            pool = np.arange(len(train_labels))
+        src[j] = pool[rng.integers(len(pool))]
+    return which, src
+
+
+def _keep_images(docs: Iterable[dict], keep: set, store: Dict[int, list]):
+    """Pass the documents on, keeping the image lists of the ids in ``keep``."""
+    for d in docs:
+        if d["_id"] in keep:
+            store[d["_id"]] = d["imgs"]
+        yield d
+
+
+def _copy_images(docs: Iterable[dict], copy_from: Dict[int, int], store: Dict[int, list], stats: dict):
+    """Pass the documents on, the ids in ``copy_from`` with the images kept for their train product."""
+    for d in docs:
+        src = copy_from.get(d["_id"])
+        if src is not None:
+            imgs = store[src]
+            stats["images"] += len(imgs) - len(d["imgs"])
+            stats["jpeg_bytes"] += sum(len(x["picture"]) for x in imgs) - sum(len(x["picture"]) for x in d["imgs"])
+            d["imgs"] = imgs
+        yield d
+
+
 def make_dataset(
     out: str,
     products: int = 2000,
@@ -504,6 +550,7 @@ def make_dataset(
     quality: int = JPEG_QUALITY,
     workers: int = 1,
     label_noise: float = 0.0,
+    duplicates: float = 0.0,
 ) -> Dict[str, object]:
     """Write a synthetic Cdiscount-format set into ``out``; returns paths and counts.
 
@@ -513,11 +560,17 @@ def make_dataset(
     ``label_noise`` P > 0: a share P of the train products get a wrong ``category_id`` in train.bson (their
     images still show the true category), listed in ``train_label_noise.csv`` (``_id``, the ``category_id``
     written, ``true_category_id``; key ``label_noise`` of the result, with ``noisy_products``).
+
+    ``duplicates`` F > 0: a share F of the test products carry the images (byte for byte) of a train product
+    of their category, listed in ``test_duplicates.csv`` (``_id``, ``train_id``; key ``duplicates`` of the
+    result, with ``duplicate_products``).
     """
     if products < 0 or test_products < 0:
         raise ValueError("product counts must be >= 0")
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be in [0, 1], not {label_noise}")
+    if not 0.0 <= duplicates <= 1.0:
+        raise ValueError(f"duplicates must be in [0, 1], not {duplicates}")
     if categories < 1:
         raise ValueError("categories must be >= 1")
     t0 = time.perf_counter()
@@ -532,6 +585,11 @@ def make_dataset(
         which, new = noisy_labels(tr_lab, categories, label_noise, seed)
         tr_doc_lab = tr_lab.copy()
         tr_doc_lab[which] = new
+    dup_test, dup_train = duplicate_sources(tr_lab, te_lab, duplicates, seed)
+    te_lab = te_lab.copy()
+    te_lab[dup_test] = tr_lab[dup_train]  # the same category unless the test product's had no train product
+    copy_from = {int(te_ids[i]): int(tr_ids[j]) for i, j in zip(dup_test, dup_train)}
+    kept: Dict[int, list] = {}
 
     paths = {
         "train_bson": os.path.join(out, "train.bson"),
@@ -547,11 +605,12 @@ def make_dataset(
     try:
         tr_stats = {"images": 0, "jpeg_bytes": 0}
         te_stats = {"images": 0, "jpeg_bytes": 0}
-        write_bson(paths["train_bson"],
-                   _product_docs(tr_ids, tr_lab, tr_n, cat_ids, train_rng, styles, True, quality, pool, tr_stats,
-                                 tr_doc_lab))
-        write_bson(paths["test_bson"],
-                   _product_docs(te_ids, te_lab, te_n, cat_ids, test_rng, styles, False, quality, pool, te_stats))
+        write_bson(paths["train_bson"], _keep_images(
+            _product_docs(tr_ids, tr_lab, tr_n, cat_ids, train_rng, styles, True, quality, pool, tr_stats,
+                          tr_doc_lab), set(copy_from.values()), kept))
+        write_bson(paths["test_bson"], _copy_images(
+            _product_docs(te_ids, te_lab, te_n, cat_ids, test_rng, styles, False, quality, pool, te_stats),
+            copy_from, kept, te_stats))
     finally:
         if pool is not None:
             pool.close()
@@ -563,6 +622,9 @@ def make_dataset(
         paths["label_noise"] = os.path.join(out, LABEL_NOISE_FILE)
         write_csv(paths["label_noise"], LABEL_NOISE_HEADER,
                   ((int(tr_ids[i]), int(cat_ids[tr_doc_lab[i]]), int(cat_ids[tr_lab[i]])) for i in which))
+    if duplicates > 0:
+        paths["duplicates"] = os.path.join(out, DUPLICATES_FILE)
+        write_csv(paths["duplicates"], DUPLICATES_HEADER, sorted(copy_from.items()))
     n_img = tr_stats["images"] + te_stats["images"]
     result: Dict[str, object] = dict(paths)
     result.update(
@@ -575,5 +637,6 @@ def make_dataset(
         mean_jpeg_bytes=(tr_stats["jpeg_bytes"] + te_stats["jpeg_bytes"]) / n_img if n_img else 0.0,
         seconds=time.perf_counter() - t0,
         noisy_products=int(np.count_nonzero(tr_doc_lab != tr_lab)),
+        duplicate_products=len(copy_from),
     )
     return result

@@ -2,9 +2,20 @@
 
 The BSON goes through the same repack as training data (into a work directory, deleted afterwards), so
 every bad image is caught and listed the same way, and the shards are read by the same DALI eval pipeline.
-The eval loader yields images in file order, so a product's images arrive together: its probabilities are
-averaged (over images, flips and the ensemble's models, by weight) and it is finished before the next one
-starts. Memory does not grow with the file: one product in flight plus an int per product.
+
+Per batch, on the device and without a Python step per image: one forward pass per model (flip TTA puts
+both views in that one pass), probabilities weighted over views and models, then summed per product with
+``index_add_`` over the batch's product ids. The loader yields images in file order, so a product's
+images are contiguous: every product but the batch's last is finished, and the last one (possibly cut by
+the batch's end) is carried into the next batch. Tiled models score their products' tiled pictures from
+their own loaders in the same order and are blended in per batch. The finished products' top classes (and
+float16 probabilities with ``--probs``) come back in one device-to-host copy per batch, read one batch
+later so that the copy overlaps the next batch's work. Memory does not grow with the file: one batch of
+products in flight plus a few ints per product.
+
+Duplicate lookup (``dedup``): a labelled repack stores a 64-bit hash of every image with its product and
+category (``image_hashes.npy``); a test product whose readable images are all byte-identical to train
+images gets the category those carry (the most frequent one when they disagree).
 """
 from __future__ import annotations
 
@@ -19,11 +30,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from dali_pipes.config import DataConfig
+from dali_pipes.config import DataConfig, drop_legacy_keys
 from dali_pipes.dataset import check_class_map, open_dataset
 from dali_pipes.fileio import Progress, atomic_write_text, csv_text, temp_path_for
-from dali_pipes.writer.repack import repack
-from models import create_model
+from dali_pipes.writer.repack import HASHES_FILE, repack
+from models import create_model, without_aux
 
 from .checkpoint import load as load_checkpoint
 
@@ -56,11 +67,13 @@ def load_member(spec: str, device: torch.device) -> Member:
     path, weight = parse_spec(spec)
     if not os.path.isfile(path):
         raise PredictError(f"{path}: no such checkpoint; pass RUN/best.pt of a finished training run")
+    if weight <= 0:
+        raise PredictError(f"{spec}: the weight of an ensemble member must be > 0")
     ckpt = load_checkpoint(path)
     cfg = ckpt.get("config") or {}
     try:
         model = create_model(ckpt["model_name"], int(ckpt["num_classes"]), head=cfg["model"]["head"])
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(without_aux(ckpt["model"]))  # hierarchy heads, if any, play no part here
     except (KeyError, RuntimeError) as e:
         raise PredictError(f"{path}: not a checkpoint of train/run.sh, or its model does not match its "
                            f"config ({e})") from None
@@ -112,134 +125,376 @@ def read_rows(data: str) -> Rows:
     return Rows(ids, written_rows, reasons, no_id)
 
 
+# ---- the per-batch pieces (tools.bench times them too) --------------------------------------------------
+def make_loader(member: Member, data: str, backend: str, batch: int, threads: int, device: torch.device,
+                k: int = 0):
+    """The eval loader of ``data``'s test split with ``member``'s data settings (K > 0: tiled products)."""
+    from dali_pipes.loader import build_loader
+
+    dc = DataConfig(**drop_legacy_keys(member.config["data"]))  # the model takes the pictures as they come
+    dc.path, dc.backend, dc.batch_size, dc.tiled_k, dc.num_threads = data, backend, batch, k, threads
+    return build_loader(dc, 0, 1, "test", device=device)[0]
+
+
+def width_dim(images: torch.Tensor) -> int:
+    """The W axis of a batch, NCHW or NHWC (a picture is never 3 pixels wide)."""
+    return 2 if images.shape[-1] == 3 else 3
+
+
+class Scorer:
+    """``scorer(images) -> (N, C) float32`` probabilities on the device: the weighted mean over the models
+    and over the views (flip TTA: the images and their mirror images go through each model in one forward
+    pass of 2N; if that runs out of GPU memory, two passes from then on)."""
+
+    def __init__(self, members: List[Member], tta: str, device: torch.device):
+        if tta not in ("none", "flip"):
+            raise PredictError(f"--tta must be none or flip, not {tta!r}")
+        self.members, self.flip, self.device = members, tta == "flip", device
+        self.scale = 1.0 / (sum(m.weight for m in members) * (2 if self.flip else 1))
+        self.one_pass = True
+        cuda = device.type == "cuda"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda \
+            else (lambda: torch.autocast("cpu", enabled=False))
+
+    def _probs(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = model(x)
+        return logits.float().softmax(1)
+
+    def _views(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities summed over the views."""
+        if not self.flip:
+            return self._probs(model, x)
+        n, w = x.shape[0], width_dim(x)
+        if self.one_pass:
+            try:
+                q = self._probs(model, torch.cat([x, x.flip(w)]))
+                return q[:n] + q[n:]
+            except torch.cuda.OutOfMemoryError:
+                self.one_pass = False
+                torch.cuda.empty_cache()
+        return self._probs(model, x) + self._probs(model, x.flip(w))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        total = None
+        for m in self.members:
+            q = self._views(m.model, x).mul_(m.weight)
+            total = q if total is None else total.add_(q)
+        return total.mul_(self.scale)
+
+
+class ProductSums:
+    """Per-product means over a stream of (probabilities, product ids) batches in file order.
+
+    ``add`` returns the products the batch finished, as ``(ids, image counts, means)`` with ids and counts
+    on the host (numpy) and means on the device; the batch's last product stays open (its images may go on
+    in the next batch) until ``finish``."""
+
+    def __init__(self):
+        self.open_id: Optional[int] = None
+        self.open_sum: Optional[torch.Tensor] = None  # (1, C) on the device
+        self.open_n = 0
+
+    def add(self, probs: torch.Tensor, pids: torch.Tensor):
+        pids = pids.view(-1).cpu()
+        if pids.numel() == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), probs[:0]
+        ids, counts = torch.unique_consecutive(pids, return_counts=True)
+        seg = torch.repeat_interleave(torch.arange(len(ids)), counts).to(probs.device, non_blocking=True)
+        sums = probs.new_zeros(len(ids), probs.shape[1]).index_add_(0, seg, probs)
+        ids, counts = ids.numpy(), counts.numpy().astype(np.int64)
+        if self.open_id is not None:
+            if ids[0] == self.open_id:  # the product cut by the previous batch's end goes on here
+                sums[:1] += self.open_sum
+                counts[0] += self.open_n
+            else:
+                sums = torch.cat([self.open_sum, sums])
+                ids = np.concatenate([[self.open_id], ids])
+                counts = np.concatenate([[self.open_n], counts])
+        self.open_id, self.open_sum, self.open_n = int(ids[-1]), sums[-1:], int(counts[-1])
+        return ids[:-1], counts[:-1], _means(sums[:-1], counts[:-1])
+
+    def finish(self):
+        if self.open_id is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), None
+        out = np.array([self.open_id]), np.array([self.open_n]), _means(self.open_sum, np.array([self.open_n]))
+        self.open_id, self.open_sum, self.open_n = None, None, 0
+        return out
+
+
+def _means(sums: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
+    n = torch.from_numpy(counts.astype(np.float32)).to(sums.device, non_blocking=True)
+    return sums / n[:, None]
+
+
+class TiledStream:
+    """Probabilities of one tiled model for the products with K images, taken in file order."""
+
+    def __init__(self, k: int, loader, scorer: Scorer, wait: List[float]):
+        self.k, self.loader, self.scorer, self.wait = k, loader, scorer, wait
+        self.it = iter(loader)
+        self.ids = np.zeros(0, np.int64)
+        self.probs: Optional[torch.Tensor] = None
+
+    def take(self, want: np.ndarray) -> torch.Tensor:
+        """Rows for the product ids ``want`` (the next ones of this K, in order)."""
+        while len(self.ids) < len(want):
+            t0 = time.perf_counter()
+            try:
+                images, _, meta = next(self.it)
+            except StopIteration:
+                raise PredictError(f"product shards k{self.k} end before product {want[len(self.ids)]}; "
+                                   "re-run the repack") from None
+            self.wait[0] += time.perf_counter() - t0
+            p = self.scorer(images)
+            self.ids = np.concatenate([self.ids, meta["product_id"].view(-1).numpy()])
+            self.probs = p if self.probs is None else torch.cat([self.probs, p])
+        m = len(want)
+        if not np.array_equal(self.ids[:m], want):
+            bad = int(want[np.flatnonzero(self.ids[:m] != want)[0]])
+            raise PredictError(f"product shards k{self.k} out of step with the image shards at product {bad}; "
+                               "re-run the repack")
+        out, self.ids, self.probs = self.probs[:m], self.ids[m:], self.probs[m:]
+        return out
+
+
+def blend_tiled(ids: np.ndarray, counts: np.ndarray, means: torch.Tensor, tiled: Dict[int, TiledStream]):
+    """A product with K images (K >= 4: the tiled model of 4, which sees its first four) averages its images'
+    probabilities with its tiled model's, half and half."""
+    if not tiled or not len(ids):
+        return means
+    ks = np.minimum(counts, 4)
+    for k, stream in tiled.items():
+        idx = np.flatnonzero(ks == k)
+        if len(idx):
+            i = torch.from_numpy(idx).to(means.device, non_blocking=True)
+            means[i] = (means[i] + stream.take(ids[idx])) * 0.5
+    return means
+
+
+class Readback:
+    """The finished products of a batch packed into one uint8 tensor (top-k class indices as int32, their
+    probabilities as float32, and all probabilities as float16 when asked), copied to the host without
+    blocking; ``result()`` waits for that copy only."""
+
+    def __init__(self, means: torch.Tensor, topk: int, with_probs: bool):
+        vals, idx = means.topk(topk, dim=1)
+        parts = [idx.to(torch.int32), vals.contiguous()]
+        if with_probs:
+            parts.append(means.half())
+        self.k, self.with_probs = topk, with_probs
+        packed = torch.cat([p.contiguous().view(torch.uint8) for p in parts], 1)
+        if packed.is_cuda:
+            self.host = packed.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = packed, None
+
+    def result(self):
+        if self.event is not None:
+            self.event.synchronize()
+        a = self.host.numpy()
+        k4 = 4 * self.k
+        idx = np.ascontiguousarray(a[:, :k4]).view(np.int32)
+        vals = np.ascontiguousarray(a[:, k4:2 * k4]).view(np.float32)
+        probs = np.ascontiguousarray(a[:, 2 * k4:]).view(np.float16) if self.with_probs else None
+        return idx, vals, probs
+
+
+# ---- predict ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(data: str, members: List[Member], out: str, *, tta: str = "none", tiled: Optional[Dict[int, str]] = None,
             batch: int = 64, backend: str = "dali-cpu", threads: int = 2, probs_path: Optional[str] = None,
             topk: int = 1, fallback: Optional[int] = None, labels_csv: Optional[str] = None,
-            progress: bool = True) -> dict:
-    from dali_pipes.loader import build_loader
-
+            dedup: Optional[str] = None, progress: bool = True) -> dict:
+    t_start = time.perf_counter()
     device = torch.device("cuda" if backend == "dali-gpu" else "cpu")
     ds = open_dataset(data)
-    split = "test" if "test" in ds.manifest["splits"] else "val"
-    if split != "test":
+    if "test" not in ds.manifest["splits"]:
         raise PredictError(f"{data}: not an unlabelled repack (no test split); repack test.bson with --unlabelled")
     cats = members[0].category_ids
     num_classes = len(cats)
+    if topk < 1:
+        raise PredictError(f"--topk must be >= 1, not {topk}")
+    k = min(topk, num_classes)
+    if fallback is not None and fallback not in cats:
+        raise PredictError(f"--fallback {fallback} is not a category id of the checkpoints' class map")
     rows = read_rows(data)
     n = len(rows.ids)
+    duplicates = find_duplicates(dedup, data, cats, rows) if dedup else {}
 
-    def loader_for(member: Member, k: int = 0):
-        dc = DataConfig(**member.config["data"])
-        dc.path, dc.backend, dc.batch_size, dc.tiled_k = data, backend, batch, k
-        dc.num_threads, dc.dtype, dc.channels_last = threads, "float32", False
-        return build_loader(dc, 0, 1, split, device=device)[0]
+    scorer = Scorer(members, tta, device)
+    wait = [0.0]
+    tiled_members = {kk: load_member(p, device) for kk, p in (tiled or {}).items()}
+    for kk, m in tiled_members.items():
+        check_class_map(cats, m.category_ids, f"tiled K={kk} model {m.path} vs {members[0].path}")
+    t0 = time.perf_counter()
+    loader = make_loader(members[0], data, backend, batch, threads, device)
+    streams = {kk: TiledStream(kk, make_loader(m, data, backend, batch, threads, device, kk),
+                               Scorer([m], tta, device), wait) for kk, m in tiled_members.items()}
+    build_s = time.perf_counter() - t0
 
-    tiled_members = {k: load_member(p, device) for k, p in (tiled or {}).items()}
-    for k, m in tiled_members.items():
-        check_class_map(cats, m.category_ids, f"tiled K={k} model {m.path} vs {members[0].path}")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
-        else (lambda: torch.autocast("cpu", enabled=False))
-    n_views = 2 if tta == "flip" else 1
-
-    def image_probs(model_list: List[Member], images: torch.Tensor) -> torch.Tensor:
-        """Probabilities averaged over views (flip TTA) and models (by weight)."""
-        images = images.to(device, non_blocking=True)
-        p = None
-        for m in model_list:
-            views = (images, images.flip(3)) if tta == "flip" else (images,)
-            for v in views:
-                with autocast():
-                    q = m.model(v).float().softmax(1) * m.weight
-                p = q if p is None else p + q
-        return p / (sum(m.weight for m in model_list) * n_views)
-
-    tiled_iters = {k: _product_stream(loader_for(m, k), lambda x, m=m: image_probs([m], x))
-                   for k, m in tiled_members.items()}
     pred = np.full(n, -1, np.int64)
     probs_out = None
     if probs_path:
         probs_tmp = temp_path_for(probs_path)
         probs_out = np.lib.format.open_memmap(probs_tmp, mode="w+", dtype=np.float16, shape=(n, num_classes))
-    top_rows = [] if topk > 1 else None
-    t0 = time.time()
+    top_idx = np.zeros((n, k), np.int32) if topk > 1 else None
+    top_val = np.zeros((n, k), np.float32) if topk > 1 else None
     bar = Progress("predict", len(rows.written_rows), "products", enabled=progress)
-    done = 0
-    loader = loader_for(members[0])
-    for pid, p, n_images in _product_stream(loader, lambda x: image_probs(members, x)):
-        if done >= len(rows.written_rows) or rows.ids[rows.written_rows[done]] != pid:
-            raise PredictError(f"{data}: shards and products.csv disagree at product {pid}; re-run the repack")
-        if n_images in tiled_iters:
-            tpid, tp, _ = next(tiled_iters[n_images])
-            if tpid != pid:
-                raise PredictError(f"{data}: product shards k{n_images} out of step at product {pid}")
-            p = (p + tp) / 2
-        row = rows.written_rows[done]
-        pred[row] = int(p.argmax())
+    state = {"done": 0}
+
+    def store(ids: np.ndarray, rb: Readback) -> None:
+        done = state["done"]
+        if done + len(ids) > len(rows.written_rows):
+            raise PredictError(f"{data}: the shards hold more products than products.csv (from product "
+                               f"{ids[len(rows.written_rows) - done]}); re-run the repack")
+        r = rows.written_rows[done:done + len(ids)]
+        if not np.array_equal(rows.ids[r], ids):
+            bad = int(ids[np.flatnonzero(rows.ids[r] != ids)[0]])
+            raise PredictError(f"{data}: shards and products.csv disagree at product {bad} (or its images are "
+                               "not contiguous in the shards); re-run the repack")
+        idx, vals, probs = rb.result()
+        pred[r] = idx[:, 0]
+        if top_idx is not None:
+            top_idx[r], top_val[r] = idx, vals
         if probs_out is not None:
-            probs_out[row] = p.cpu().numpy().astype(np.float16)
-        if top_rows is not None:
-            v, i = p.topk(min(topk, num_classes))
-            top_rows.append((row, i.tolist(), v.tolist()))
-        done += 1
-        bar.update(done, force=done == len(rows.written_rows))
+            probs_out[r] = probs
+        state["done"] = done + len(ids)
+        bar.update(state["done"])
+
+    sums = ProductSums()
+    pending = None
+    t_loop = time.perf_counter()
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            images, _, meta = next(it)
+        except StopIteration:
+            break
+        wait[0] += time.perf_counter() - t0
+        ids, counts, means = sums.add(scorer(images), meta["product_id"])
+        rb = None
+        if len(ids):
+            rb = (ids, Readback(blend_tiled(ids, counts, means, streams), k, probs_out is not None))
+        if pending is not None:  # the previous batch's copy overlapped this batch's work
+            store(*pending)
+        pending = rb
+    if pending is not None:
+        store(*pending)
+    ids, counts, means = sums.finish()
+    if len(ids):
+        store(ids, Readback(blend_tiled(ids, counts, means, streams), k, probs_out is not None))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    loop_s = time.perf_counter() - t_loop
+    bar.update(state["done"], force=True)
     bar.finish()
+    done = state["done"]
     if done != len(rows.written_rows):
         raise PredictError(f"{data}: {len(rows.written_rows) - done} products of products.csv were not in the shards")
 
+    for row, (cat_index, _) in duplicates.items():
+        pred[row] = cat_index
     # Products without a usable image get the fallback: --fallback, else the class predicted most often.
     if fallback is None:
-        counts = np.bincount(pred[pred >= 0], minlength=num_classes)
-        fb_index = int(counts.argmax()) if counts.sum() else 0
+        counts_all = np.bincount(pred[pred >= 0], minlength=num_classes)
+        fb_index = int(counts_all.argmax()) if counts_all.sum() else 0
     else:
-        if fallback not in cats:
-            raise PredictError(f"--fallback {fallback} is not a category id of the checkpoints' class map")
         fb_index = cats.index(fallback)
     for row in rows.reasons:
         pred[row] = fb_index
     cat_arr = np.asarray(cats, np.int64)
     atomic_write_text(out, csv_text(["_id", "category_id"], zip(rows.ids.tolist(), cat_arr[pred].tolist())))
     report_path = os.path.splitext(out)[0] + ".report.csv"
-    report = [(int(rows.ids[r]), why, int(cat_arr[fb_index])) for r, why in sorted(rows.reasons.items())]
+    why = {r: (w, int(cat_arr[fb_index])) for r, w in rows.reasons.items()}
+    why.update({r: (w, int(cat_arr[c])) for r, (c, w) in duplicates.items()})
+    report = [(int(rows.ids[r]), w, c) for r, (w, c) in sorted(why.items())]
     report += [("", f"{r['reason']} (at offset {r['offset']}; no _id, so no row)", "") for r in rows.no_id]
     atomic_write_text(report_path, csv_text(["_id", "reason", "category_id_written"], report))
     if probs_out is not None:
         probs_out.flush()
         del probs_out
         os.replace(probs_tmp, probs_path)
-    if top_rows is not None:
-        top_rows.sort()
-        k = min(topk, num_classes)
+    if top_idx is not None:
+        has = np.zeros(n, bool)
+        has[rows.written_rows] = True
         header = ["_id"] + [f"category_id_{i + 1}" for i in range(k)] + [f"prob_{i + 1}" for i in range(k)]
-        body = [[int(rows.ids[r])] + [cats[j] for j in idx] + [f"{v:.5f}" for v in vals] for r, idx, vals in top_rows]
+        body = [[pid] + c + [f"{v:.5f}" for v in vs] for pid, c, vs in
+                zip(rows.ids[has].tolist(), cat_arr[top_idx[has]].tolist(), top_val[has].tolist())]
         atomic_write_text(os.path.splitext(out)[0] + f".top{k}.csv", csv_text(header, body))
+    images = ds.manifest["splits"]["test"]["images"]
     summary = {"products": n, "predicted": done, "fallback": len(rows.reasons), "no_id": len(rows.no_id),
-               "seconds": time.time() - t0, "report": report_path, "submission": out}
+               "duplicates": len(duplicates), "images": images, "seconds": time.perf_counter() - t_start,
+               "loader_build_seconds": build_s, "loop_seconds": loop_s,
+               "data_wait_share": wait[0] / max(loop_s, 1e-9), "flip_one_pass": scorer.one_pass,
+               "report": report_path, "submission": out}
     if labels_csv:
         summary["accuracy"] = score(out, labels_csv)
     return summary
 
 
-def _product_stream(loader, probs_fn):
-    """(product id, mean probability, images) per product, from a loader in file order."""
-    cur, acc, count = None, None, 0
-    finished = set()
-    for images, _, meta in loader:
-        p = probs_fn(images)
-        pids = meta["product_id"].view(-1).tolist()
-        for i, pid in enumerate(pids):
-            if pid != cur:
-                if cur is not None:
-                    yield cur, acc / count, count
-                    finished.add(cur)
-                if pid in finished:
-                    raise PredictError(f"product {pid}: its images are not contiguous in the shards")
-                cur, acc, count = pid, p[i].clone(), 1
-            else:
-                acc += p[i]
-                count += 1
-    if cur is not None:
-        yield cur, acc / count, count
+# ---- duplicate lookup ---------------------------------------------------------------------------------
+def read_hashes(data: str) -> np.ndarray:
+    """``DATA/image_hashes.npy``: one row per written image (hash, product_id, category_id), sorted."""
+    path = os.path.join(data, HASHES_FILE)
+    if not os.path.isfile(path):
+        raise PredictError(f"{path} is missing: {data} was repacked before image hashes were recorded; re-run "
+                           f"`python -m tools.repack ... --out {data} --overwrite`")
+    return np.load(path, allow_pickle=False)
+
+
+def find_duplicates(train_data: str, test_data: str, cats: List[int], rows: Rows) -> Dict[int, Tuple[int, str]]:
+    """Rows of test products whose readable images all appear byte for byte in ``train_data`` ->
+    (class index, reason). The category is the one most of the matching train images carry (ties: the
+    lowest category id); the reason names the lowest train product id with that category."""
+    ds = open_dataset(train_data)
+    if not ds.labelled:
+        raise PredictError(f"--dedup {train_data}: an unlabelled repack; pass the labelled train repack")
+    check_class_map(cats, ds.category_ids, f"--dedup {train_data}/classes.csv vs the checkpoints")
+    train, test = read_hashes(train_data), read_hashes(test_data)
+    lo = np.searchsorted(train["hash"], test["hash"], "left")
+    matches = np.searchsorted(train["hash"], test["hash"], "right") - lo
+    # the test products with every image matched
+    order = np.argsort(test["product_id"], kind="stable")
+    pids, start, n_img = np.unique(test["product_id"][order], return_index=True, return_counts=True)
+    if not len(pids):
+        return {}
+    n_hit = np.add.reduceat((matches[order] > 0).astype(np.int64), start)
+    full = pids[n_hit == n_img]
+    # every (test image, matching train image) pair of those products
+    sel = np.flatnonzero(np.isin(test["product_id"], full))
+    if not len(sel):
+        return {}
+    cnt = matches[sel]
+    tj = np.repeat(lo[sel] - (np.cumsum(cnt) - cnt), cnt) + np.arange(cnt.sum())
+    tp = np.repeat(test["product_id"][sel], cnt)
+    cat, src = train["category_id"][tj], train["product_id"][tj]
+    # votes per (test product, category); the winner per product: most votes, then the lowest category id
+    keys, inv, votes = np.unique(np.stack([tp, cat]), axis=1, return_inverse=True, return_counts=True)
+    first_src = np.full(keys.shape[1], np.iinfo(np.int64).max)
+    np.minimum.at(first_src, inv.reshape(-1), src)
+    rank = np.lexsort((keys[1], -votes, keys[0]))
+    winners = rank[np.r_[True, keys[0][rank][1:] != keys[0][rank][:-1]]]
+    pairs = np.unique(np.stack([tp, src]), axis=1)  # distinct (test product, train product)
+    n_src = dict(zip(*(a.tolist() for a in np.unique(pairs[0], return_counts=True))))
+    index = {c: i for i, c in enumerate(cats)}
+    row_of = dict(zip(rows.ids[rows.written_rows].tolist(), rows.written_rows.tolist()))
+    out: Dict[int, Tuple[int, str]] = {}
+    for w in winners.tolist():
+        p, c, s = int(keys[0][w]), int(keys[1][w]), int(first_src[w])
+        if p not in row_of or c not in index:
+            continue
+        others = n_src[p] - 1
+        reason = f"duplicate of train product {s}"
+        if others > 0:
+            reason += f" (its images are in {others} more train product(s); the most frequent category is used)"
+        out[row_of[p]] = (index[c], reason)
+    return out
 
 
 def score(submission: str, answers: str) -> float:

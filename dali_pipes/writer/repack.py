@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import csv
 import functools
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -22,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import bson
 import numpy as np
 
-from ..fileio import Progress, atomic_write_text, csv_text, is_temp_name
+from ..fileio import Progress, atomic_open, atomic_write_text, csv_text, is_temp_name
 from ..records import FORMAT_VERSION, IMAGE_FEATURES, MANIFEST, MAX_K, product_features
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
 from .exclude import ExcludeError, read_exclude
@@ -31,7 +32,17 @@ from .shards import ShardWriter, int_feature
 
 MAX_IMAGE_BYTES = 4 << 20  # the competition's images are ~5 kB; megabytes mean something is wrong
 QUARANTINE_FIELDS = ["product_id", "offset", "image_index", "reason"]
-_OWNED = ("train", "val", "test", "products", "classes.csv", "quarantine.csv", "products.csv", MANIFEST)
+# Duplicate lookup (tools.predict --dedup): a 64-bit hash (blake2b) of every written image with its product
+# and category id (-1 in unlabelled repacks), sorted by hash.
+HASHES_FILE = "image_hashes.npy"
+HASH_DTYPE = np.dtype([("hash", "<u8"), ("product_id", "<i8"), ("category_id", "<i8")])
+_OWNED = ("train", "val", "test", "products", "classes.csv", "quarantine.csv", "products.csv", MANIFEST,
+          HASHES_FILE)
+
+
+def image_hash(picture: bytes) -> bytes:
+    """The 8-byte digest of an image's bytes (little-endian uint64 in ``HASHES_FILE``)."""
+    return hashlib.blake2b(picture, digest_size=8).digest()
 
 
 class RepackError(RuntimeError):
@@ -102,6 +113,7 @@ class ChunkResult:
     counts: Counter = field(default_factory=Counter)
     quarantine: List[list] = field(default_factory=list)
     order: List[Tuple[int, int, int]] = field(default_factory=list)  # unlabelled: (id, offset, images)
+    hashes: Optional[np.ndarray] = None  # HASH_DTYPE rows of the written images (category: class index)
 
 
 _progress = None  # shared counters (products, bytes) set by the pool initializer
@@ -319,6 +331,9 @@ def _process_chunk(args) -> ChunkResult:
     docs = _documents(st.bson_path, offsets, lengths, st.max_doc_bytes)
     offsets, lengths, ids = offsets.tolist(), lengths.tolist(), ids.tolist()
     label_ints: Dict[int, bytes] = {}
+    digests: List[bytes] = []  # image_hash of each written image, with its product and label
+    hash_ids: List[int] = []
+    hash_labels: List[int] = []
     reported = 0  # documents counted in the progress report
     try:
         for i, (off, dup, doc) in enumerate(zip(offsets, dup_of.tolist(), docs)):
@@ -341,9 +356,15 @@ def _process_chunk(args) -> ChunkResult:
             positions = _position_ints(k, good[-1] + 1)
             for j, pic in zip(good, pics):
                 write_one(pic, ints + positions[j])
+            digests.extend(map(image_hash, pics))
+            hash_ids.extend([pid] * k)
+            hash_labels.extend([label] * k)
             kk = min(k, MAX_K)
             (writers.products.get((split, kk)) or writers.product_writer(split, kk)).write_fields(pics[:kk], ints)
         writers.close(res)
+        res.hashes = np.zeros(len(digests), HASH_DTYPE)
+        res.hashes["hash"] = np.frombuffer(b"".join(digests), "<u8")
+        res.hashes["product_id"], res.hashes["category_id"] = hash_ids, hash_labels
     except BaseException:
         writers.abort()
         raise
@@ -472,6 +493,12 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
         order = sorted((o for r in results for o in r.order), key=lambda t: t[1])
         atomic_write_text(os.path.join(out, "products.csv"),
                           csv_text(["product_id", "offset", "num_images"], order))
+    hashes = np.concatenate([r.hashes for r in results] or [np.zeros(0, HASH_DTYPE)])
+    if not unlabelled:  # class index -> category id
+        hashes["category_id"] = np.asarray([c[0] for c in cats], np.int64)[hashes["category_id"]]
+    hashes = hashes[np.lexsort((hashes["category_id"], hashes["product_id"], hashes["hash"]))]
+    with atomic_open(os.path.join(out, HASHES_FILE), "wb") as f:
+        np.save(f, hashes, allow_pickle=False)
     split_names = ["train", "val"] if not unlabelled else ["test"]
     manifest = {
         "format_version": FORMAT_VERSION,
