@@ -1,20 +1,28 @@
 # Set-up and checks. `make test` and `make demo` install what they need into the current Python.
 PY ?= python3
-# torch is pinned to the build this workplace ships on disk; on a GPU box, install your CUDA torch first
-# (or set TORCH_PINS=) and the rest installs around it.
+# torch and torchvision: the versions the tests ran with. They are installed only where `import torch`
+# fails; then pip fetches them from PyPI, which on Linux x86_64 means the CUDA build (about 6.6 GB with its
+# nvidia-* wheels; pip shows its progress). A torch of your own is kept: install your CUDA build, or the CPU
+# one (pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu), before `make`.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo_out
-PIP = $(PY) -m pip install -q --disable-pip-version-check
+PIP = $(PY) -m pip install --disable-pip-version-check
+# First run: say what is coming and let pip show progress; later runs: quiet.
+NEED_TORCH = $(PY) -c "import torch, torchvision" 2>/dev/null || { \
+	echo "Installing $(TORCH_PINS) (first run only: about 6.6 GB for the CUDA build, several minutes)"; \
+	$(PIP) $(TORCH_PINS); }
+NEED_DEPS = $(PY) -c "import dali_pipes, nvidia.dali, timm, bson, simplejpeg, crc32c, yaml" 2>/dev/null \
+	&& QUIET=-q || echo "Installing this project and its dependencies (first run only: DALI alone is several hundred MB)"
 
 .PHONY: install install-dev test demo clean
 
 install:
-	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) $(TORCH_PINS)
-	@$(PIP) -e .
+	@$(NEED_TORCH)
+	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e .
 
 install-dev:
-	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) $(TORCH_PINS)
-	@$(PIP) -e '.[dev]'
+	@$(NEED_TORCH)
+	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e '.[dev]'
 
 test: install-dev
 	$(PY) -m pytest -q tests
