@@ -338,7 +338,9 @@ def main(argv=None) -> int:
     """``python -m train.config RECIPE [--data DATA] [--out RUN] [section.key=value ...]``: check what
     ``train/run.sh`` would start with (run.sh does, before torchrun) and print the resolved config. A mistake
     is one line on stderr and exit status 2."""
-    p = argparse.ArgumentParser(prog="python -m train.config", description=main.__doc__.split(":", 1)[1].strip())
+    p = argparse.ArgumentParser(prog="python -m train.config", description=(
+        "Check what train/run.sh would start with (the recipe, the overrides, the data directory) and print the "
+        "resolved config. A mistake is one line on stderr and exit status 2."))
     p.add_argument("recipe", help="a name in train/configs/ or a path to a YAML")
     p.add_argument("--data", help="repacked DATA directory (sets data.path)")
     p.add_argument("--out", help="run directory (default: runs/RECIPE)")
