@@ -118,3 +118,29 @@ def check_class_map(expected: List[int], actual: List[int], what: str) -> None:
 def read_quarantine(root: str) -> List[Dict[str, str]]:
     with open(os.path.join(root, "quarantine.csv"), newline="") as f:
         return list(csv.DictReader(f))
+
+
+LEVELS = (1, 2)  # the coarser levels of category_names.csv (level 3 is the category itself)
+
+
+def class_levels(root: str, level: int) -> Tuple[List[str], List[int]]:
+    """The class map of a coarser ``level`` of the category tree: ``(names, index)`` with ``index[c]`` the
+    level class of class ``c``. A level-``k`` class is one path ``level1 > ... > levelk`` of classes.csv
+    (category_names.csv's columns, kept by the repack), numbered in sorted order."""
+    if level not in LEVELS:
+        raise DatasetError(f"hierarchy level {level} does not exist: the levels are {', '.join(map(str, LEVELS))} "
+                           "(category_level1, category_level2; level 3 is the category)")
+    cpath = os.path.join(root, "classes.csv")
+    if not os.path.isfile(cpath):
+        raise DatasetError(f"{cpath} is missing: hierarchy heads need a labelled repack made with --categories")
+    with open(cpath, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = [f"category_level{i}" for i in range(1, level + 1)]
+    missing = [c for c in cols if rows and c not in rows[0]]
+    if missing:
+        raise DatasetError(f"{cpath} has no column {', '.join(missing)}; re-run tools.repack with the "
+                           "competition's category_names.csv")
+    keys = [" > ".join(r[c].strip() for c in cols) for r in rows]
+    names = sorted(set(keys))
+    at = {k: i for i, k in enumerate(names)}
+    return names, [at[k] for k in keys]

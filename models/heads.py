@@ -8,12 +8,15 @@ images, tiled products of 320x160 ... 320x320).
 """
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .trunks import Trunk
 
+AUX_HEADS = "aux_heads"  # the hierarchy heads' module: its keys are left out where a model has none
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -24,7 +27,7 @@ class Net(nn.Module):
     head_kind = ""
     head_names: tuple = ()  # top-level modules of the head, set by subclasses
 
-    def __init__(self, trunk: Trunk, num_classes: int, **head_kw):
+    def __init__(self, trunk: Trunk, num_classes: int, aux_classes: Optional[Dict[str, int]] = None, **head_kw):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, not {num_classes}")
@@ -49,6 +52,11 @@ class Net(nn.Module):
         }
         self._build_head(trunk.channels, num_classes, **head_kw)
         assert tuple(n for n, _ in self.named_children())[len(self.trunk_names):] == self.head_names
+        # Hierarchy heads (train model.aux_levels): one Linear per level on the pooled trunk features, keyed
+        # by level ("level1": C1 classes, ...). Trained beside the head; forward(x) ignores them.
+        if aux_classes:
+            self.aux_heads = nn.ModuleDict({k: nn.Linear(trunk.channels, int(n)) for k, n in aux_classes.items()})
+            self.new_names += (AUX_HEADS,)
 
     def _build_head(self, channels: int, num_classes: int) -> None:
         raise NotImplementedError
@@ -61,8 +69,18 @@ class Net(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, aux: bool = False):
+        """Class logits; with ``aux=True`` ``(class logits, [logits of each hierarchy head])`` (an empty list
+        without hierarchy heads)."""
+        f = self.forward_features(x)
+        out = self.forward_head(f)
+        if not aux:
+            return out
+        heads = self._modules.get(AUX_HEADS)
+        if heads is None:
+            return out, []
+        pooled = _pool(f)
+        return out, [h(pooled) for h in heads.values()]
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +144,12 @@ class LinearNet(Net):
 
 
 HEADS = {"first": FirstPlaceNet, "vgg": VggNet, "linear": LinearNet}
+
+
+def without_aux(state_dict: dict) -> dict:
+    """A state dict without the hierarchy heads' tensors (for a model built without them)."""
+    prefix = AUX_HEADS + "."
+    return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
 
 
 def build(trunk: Trunk, num_classes: int, head: str = "first", **head_kw) -> Net:

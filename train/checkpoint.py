@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dali_pipes.dataset import check_class_map
+from models import without_aux
 from dali_pipes.fileio import TMP_SUFFIX, atomic_open, atomic_path
 
 FORMAT = 1
@@ -117,8 +118,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 # ---- compatibility ------------------------------------------------------------------------------
-def check_model(ckpt: dict, path: str, model_name: str, head: str, model: torch.nn.Module) -> None:
-    """Refuse a checkpoint of another architecture, head or class count, naming both sides."""
+def check_model(ckpt: dict, path: str, model_name: str, head: str, model: torch.nn.Module,
+                ignore_aux: bool = False) -> None:
+    """Refuse a checkpoint of another architecture, head or class count, naming both sides. ``ignore_aux``:
+    the hierarchy heads (``models.AUX_HEADS``) may differ (``train.init_from``)."""
     theirs = f"{ckpt.get('model_name')} (head {ckpt.get('config', {}).get('model', {}).get('head')}, " \
              f"{ckpt.get('num_classes')} classes)"
     ours = f"{model_name} (head {head})"
@@ -127,6 +130,8 @@ def check_model(ckpt: dict, path: str, model_name: str, head: str, model: torch.
                               "checkpoint was made with, or another --out for a new run")
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    if ignore_aux:
+        want, have = without_aux(want), without_aux(have)
     if want != have:
         missing = sorted(set(want) - set(have))[:3]
         extra = sorted(set(have) - set(want))[:3]

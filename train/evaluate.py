@@ -8,7 +8,7 @@ Memory: one row of ``num_classes`` floats per product of the rank's share of the
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,11 @@ class _ProductSums:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, d: Dist, num_classes: int, autocast: Callable[[], AbstractContextManager],
-             prepare: Callable) -> Dict[str, float]:
+             prepare: Callable, level_maps: Optional[Dict[str, tuple]] = None) -> Dict[str, float]:
     """``prepare(images, labels) -> (images, labels)`` puts a batch on the device in the model's layout.
+
+    ``level_maps`` (``{"level1": (classes, class -> level class tensor)}``, the model's hierarchy heads in
+    order) adds each level's product accuracy (``level1_acc``, ...), from the heads' own probabilities.
 
     ``model`` must be the unwrapped module: ranks may see different numbers of batches, so no collective
     may run inside the loop (DDP's forward would broadcast buffers)."""
@@ -47,17 +50,37 @@ def evaluate(model: torch.nn.Module, loader, d: Dist, num_classes: int, autocast
     dev = d.device
     totals = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct images, images
     products = _ProductSums(num_classes, dev)
+    levels = [(name, index, _ProductSums(n, dev)) for name, (n, index) in (level_maps or {}).items()]
     for images, labels, meta in loader:
         images, labels = prepare(images, labels)
         with autocast():
-            logits = model(images)
+            logits = model(images, aux=True) if levels else model(images)
+        if levels:
+            logits, aux = logits
+            pids = meta["product_id"].view(-1).tolist()
+            for (_, index, sums), head in zip(levels, aux):
+                sums.add(pids, head.float().softmax(1), index[labels])
         logits = logits.float()
         totals[0] += F.cross_entropy(logits, labels, reduction="sum")
         totals[1] += (logits.argmax(1) == labels).sum()
         totals[2] += labels.numel()
         products.add(meta["product_id"].view(-1).tolist(), logits.softmax(1), labels)
     model.train(was_training)
+    prod = _product_correct(products, d)
+    extra = {f"{name}_acc": _product_correct(sums, d) for name, _, sums in levels}
+    all_reduce(totals, d)
+    loss, correct, n = totals.tolist()
+    pc, pn = prod.tolist()
+    out = {"loss": loss / max(n, 1), "image_acc": correct / max(n, 1), "product_acc": pc / max(pn, 1),
+           "images": int(n), "products": int(pn)}
+    for key, (c, m) in ((k, v.tolist()) for k, v in extra.items()):
+        out[key] = c / max(m, 1)
+    return out
 
+
+def _product_correct(products: _ProductSums, d: Dist) -> torch.Tensor:
+    """(correct products, products) over all ranks, from each rank's per-product sums."""
+    dev = d.device
     # Products split across ranks: the lowest rank holding one gets the others' rows for it.
     mine = list(products.rows)
     everyone = all_gather_object(mine, d)
@@ -76,9 +99,5 @@ def evaluate(model: torch.nn.Module, loader, d: Dist, num_classes: int, autocast
         index = torch.tensor(owned, device=dev)
         prod[0] = (products.sums[index].argmax(1) == products.labels[index]).sum()
         prod[1] = len(owned)
-    all_reduce(totals, d)
     all_reduce(prod, d)
-    loss, correct, n = totals.tolist()
-    pc, pn = prod.tolist()
-    return {"loss": loss / max(n, 1), "image_acc": correct / max(n, 1), "product_acc": pc / max(pn, 1),
-            "images": int(n), "products": int(pn)}
+    return prod
