@@ -1,11 +1,19 @@
-"""Configuration of the data path: one typed dataclass shared by the loader, the trainer and the tools."""
+"""Configuration of the data path: one typed dataclass shared by the loader, the trainer and the tools.
+
+The loader hands out pixels as they are (uint8, NHWC); the normalization (mean, std, dtype, memory format)
+belongs to the model (``models.heads.Net.prepare_input``), so it is not configured here. The one rule for
+the size of a picture is ``DataConfig.picture_hw``.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 BACKENDS = ("dali-gpu", "dali-cpu", "synthetic")
-DTYPES = ("float32", "float16", "bfloat16")
+# Keys of older configs (checkpoints written before the loader yielded uint8 NHWC): the normalization moved
+# into the model, so a saved config drops them (``drop_legacy_keys``); a recipe that sets one is an error.
+LEGACY_KEYS = ("dtype", "channels_last", "mean", "std")
+
 
 
 @dataclass
@@ -13,7 +21,7 @@ class DataConfig:
     path: str = ""  # a repacked DATA directory (tools.repack); ignored by the synthetic backend
     backend: str = "dali-cpu"  # dali-gpu | dali-cpu | synthetic
     batch_size: int = 64  # per GPU / per process
-    image_size: int = 180  # side of the stored images
+    image_size: int = 180  # pictures whose shorter side differs are resized to it (aspect kept) before the crop
     crop: int = 160  # side of the random (train) or center (eval) crop
     eval_crop: bool = True  # eval: center crop of `crop` (True) or the full image (False)
     tiled_k: int = 0  # 0: image shards; 2..4: tiled product shards products/k{K}
@@ -21,11 +29,6 @@ class DataConfig:
     prefetch: int = 2  # DALI prefetch queue depth
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (A100/H100), dali-gpu only
     initial_fill: int = 4096  # shuffle buffer of the reader
-    dtype: str = "float32"  # output dtype of the images
-    channels_last: bool = False  # NHWC output instead of NCHW
-    # ImageNet's mean and std (0.485, 0.456, 0.406 and 0.229, 0.224, 0.225) x 255, as YAML prints them
-    mean: List[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
-    std: List[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     seed: int = 42
     synthetic_num_classes: int = 1000  # synthetic backend only (no DATA to read the class count from)
     synthetic_steps: int = 100  # synthetic backend: steps per epoch
@@ -33,14 +36,25 @@ class DataConfig:
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"data.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.crop > self.image_size:
             raise ValueError(f"data.crop ({self.crop}) is larger than data.image_size ({self.image_size})")
         if self.tiled_k not in (0, 2, 3, 4):
             raise ValueError(f"data.tiled_k must be 0 (single images) or 2, 3, 4, not {self.tiled_k}")
         if self.batch_size < 1:
             raise ValueError("data.batch_size must be >= 1")
+        if self.crop < 1:
+            raise ValueError("data.crop must be >= 1")
+
+    def picture_side(self, train: bool) -> int:
+        """The crop rule, in one place: a train picture is a random ``crop`` x ``crop`` window, an eval
+        picture the centre ``crop`` window (``eval_crop``) or the whole ``image_size`` square. Every picture
+        is first resized so that its shorter side is ``image_size`` (the real data needs no resize)."""
+        return self.crop if (train or self.eval_crop) else self.image_size
+
+    def picture_hw(self, train: bool) -> Tuple[int, int]:
+        """(H, W) of one sample: the picture, or K pictures tiled (K=2, 3: a strip; K=4: a 2x2 grid)."""
+        s = self.picture_side(train)
+        return {0: (s, s), 2: (s, 2 * s), 3: (s, 3 * s), 4: (2 * s, 2 * s)}[self.tiled_k]
 
     def pipeline_signature(self) -> dict:
         """The settings that decide which samples a reader yields in which order.
@@ -68,4 +82,9 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-__all__ = ["DataConfig", "BACKENDS", "DTYPES", "resolve_backend"]
+def drop_legacy_keys(data: dict) -> dict:
+    """A saved ``data`` section without the keys of older versions (``LEGACY_KEYS``)."""
+    return {k: v for k, v in data.items() if k not in LEGACY_KEYS}
+
+
+__all__ = ["DataConfig", "BACKENDS", "LEGACY_KEYS", "drop_legacy_keys", "resolve_backend"]

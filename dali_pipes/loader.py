@@ -11,11 +11,13 @@ Backends ``dali-gpu`` (decode and augment on the GPU), ``dali-cpu`` (all on the 
   (``cfg.eval_crop``) or the whole image, every image mirrored when ``flip=True`` (TTA), and
   ``for images, labels, meta in loader`` with ``meta = {"product_id", "image_index"}`` (int64; image_index
   is -1 for tiled products).
-* Images: ``(N, 3, H, W)`` or, with ``cfg.channels_last``, ``(N, H, W, 3)`` (``permute(0, 3, 1, 2)`` is then a
-  free NCHW view in channels_last memory), in ``cfg.dtype``, normalized with ``cfg.mean``/``cfg.std`` (pixel
-  scale). ``cfg.tiled_k`` in 2..4 reads the product shards and tiles the K crops: W x K (K=2, 3) or 2x2.
-  bfloat16 is cast by torch (DALI has no bfloat16). Labels: int64 ``(N,)``, -1 for unlabelled data.
-  Synthetic batches have the same shapes, layout and dtype.
+* Images: ``uint8 (N, H, W, 3)``, RGB pixels as decoded (EXIF orientation applied), ``(H, W) =
+  cfg.picture_hw(train)``: every picture is first resized so that its shorter side is ``cfg.image_size``
+  (aspect ratio kept; pictures already that size are untouched), then cropped (and flipped) as above.
+  ``cfg.tiled_k`` in 2..4 reads the product shards and tiles the K crops: W x K (K=2, 3) or 2x2. The
+  normalization (mean/std of the model's trunk, compute dtype, NCHW channels_last view) is the model's
+  first step (``models.heads.Net.prepare_input``), on the training device. Labels: int64 ``(N,)``, -1 for
+  unlabelled data. Synthetic batches have the same shapes, layout and dtype.
 * Devices: dali-gpu yields images and labels on the pipeline's GPU; dali-cpu yields CPU tensors, copied
   to ``device`` if one is given; meta stays on the CPU.
 
@@ -48,18 +50,11 @@ from .config import DataConfig, resolve_backend
 from .dataset import DatasetError, check_class_map, open_dataset
 
 STATE_VERSION = 1
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
     """Records of the split that ``rank`` reads, as DALI's readers cut them."""
     return range(n * rank // world_size, n * (rank + 1) // world_size)
-
-
-def image_hw(cfg: DataConfig, train: bool) -> tuple:
-    """(H, W) of the loader's pictures: the crop (or, in eval without crop, the whole image), tiled."""
-    s = cfg.crop if (train or cfg.eval_crop) else cfg.image_size
-    return {0: (s, s), 2: (s, 2 * s), 3: (s, 3 * s), 4: (2 * s, 2 * s)}[cfg.tiled_k]
 
 
 class _Loader:
@@ -152,16 +147,11 @@ class DaliLoader(_Loader):
                 device = torch.device("cuda", torch.cuda.current_device())
         self.device = None if device is None else torch.device(device)
         self.tiled = bool(cfg.tiled_k)
-        self.out_dtype = _TORCH_DTYPES[cfg.dtype]
         try:
             self.pipe = build_pipeline(
-                paths=paths, index_paths=idxs, tiled_k=cfg.tiled_k, train=self.train,
-                decode_device="mixed" if gpu else "cpu", batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+                cfg, paths=paths, index_paths=idxs, train=self.train, flip=flip,
                 device_id=self.device.index if gpu else None, seed=(cfg.seed + 1_000_003 * rank) % (1 << 31),
-                prefetch=cfg.prefetch, crop=cfg.crop, image_size=cfg.image_size, eval_crop=cfg.eval_crop, flip=flip,
-                mean=cfg.mean, std=cfg.std, dtype=cfg.dtype, channels_last=cfg.channels_last, shard_id=rank,
-                num_shards=world_size, initial_fill=cfg.initial_fill, hw_decoder_load=cfg.hw_decoder_load,
-                checkpoint=state["dali"] if state is not None else None)
+                shard_id=rank, num_shards=world_size, checkpoint=state["dali"] if state is not None else None)
             self.it = DALIGenericIterator(
                 self.pipe, output_names(cfg.tiled_k), reader_name=READER, auto_reset=True,
                 last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
@@ -201,8 +191,6 @@ class DaliLoader(_Loader):
 
     def _convert(self, b: dict) -> tuple:
         images = b["images"]
-        if images.dtype != self.out_dtype:  # bfloat16: DALI has no such type
-            images = images.to(self.out_dtype)
         labels = b["labels"].view(-1)
         if self.device is not None and images.device != self.device:
             images = images.to(self.device, non_blocking=True)
@@ -231,9 +219,8 @@ class SyntheticLoader(_Loader):
         if state is not None:
             self._check_state(state)
         g = torch.Generator().manual_seed(cfg.seed + rank)
-        h, w = image_hw(cfg, self.train)
-        shape = (cfg.batch_size, h, w, 3) if cfg.channels_last else (cfg.batch_size, 3, h, w)
-        self.images = torch.randn(shape, generator=g).to(device=device, dtype=_TORCH_DTYPES[cfg.dtype])
+        h, w = cfg.picture_hw(self.train)
+        self.images = torch.randint(0, 256, (cfg.batch_size, h, w, 3), generator=g, dtype=torch.uint8).to(device)
         self.labels = torch.randint(0, self.num_classes, (cfg.batch_size,), generator=g).to(device)
         self.meta = {"product_id": torch.arange(cfg.batch_size, dtype=torch.int64),
                      "image_index": torch.zeros(cfg.batch_size, dtype=torch.int64)}

@@ -1,30 +1,46 @@
-"""DALI pipelines: read TFRecord shards, decode on the CPU or the GPU, crop, flip, normalize, tile.
+"""DALI pipelines: read TFRecord shards, decode on the CPU or the GPU, resize odd sizes, crop, flip, tile.
 
 One graph builder serves every case: single images (train or eval) and tiled products (K=2, 3, 4), with
-the decode on ``cpu`` or ``mixed`` (GPU: nvImageCodec, hardware JPEG decoder where there is one). The
-only device-specific parts are the decoder's ``device`` (plus its hardware-decoder arguments) and moving
-the labels to the GPU; every later operator follows its input's device. So the CPU tests run the graph
-the GPU uses.
+the decode on ``cpu`` (``data.backend=dali-cpu``) or ``mixed`` (``dali-gpu``: nvImageCodec, hardware JPEG
+decoder where there is one). The only device-specific parts are the decoder's ``device`` (plus its
+hardware-decoder arguments) and moving the labels to the GPU; every later operator follows its input's
+device. So the CPU tests run the graph the GPU uses.
 
-Per image: decode the whole JPEG, then one ``crop_mirror_normalize`` does crop + flip + normalize + layout +
-dtype. A region-of-interest decode (``decoders.image_crop``) measured about 30% slower on the CPU for
-180x180 JPEGs than the whole decode, and the hardware decoder works on whole images.
+Per picture: decode the whole JPEG (EXIF orientation applied), resize it so that its shorter side is
+``data.image_size`` (aspect ratio kept) where it is not already, then one ``crop_mirror_normalize`` cuts the
+window and mirrors it, staying uint8 HWC: the output is 1 byte per value, and the normalization to the
+model's mean, std and dtype runs on the training device inside the model (``models.heads.Net``). The resize
+is a per-sample conditional, so pictures of the right size (all of the Cdiscount data) skip it. A
+region-of-interest decode (``decoders.image_crop``) measured about 30% slower on the CPU for 180x180 JPEGs
+than the whole decode, and the hardware decoder works on whole images.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 from . import records
+from .config import DataConfig
 
 READER = "Reader"  # the reader's name: DALIGenericIterator takes the epoch size and padding from it
-DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}  # bf16: torch casts
 
 
-def _crop_one(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, mean, std, dtype, layout: str,
-              hw_decoder_load: float, image_size: int):
-    """Decode one JPEG per sample and return (picture, crop_x, crop_y, mirror)."""
+def _fit(img, side: int):
+    """``img`` with its shorter side resized to ``side`` (aspect ratio kept) where it differs; other pictures
+    pass through untouched (a resize of a same-size picture would still resample it, at 3x the decode's
+    cost). Downscaling is antialiased."""
+    hw = img.shape()  # (H, W, C), after the EXIF orientation
+    short = dmath.min(hw[0], hw[1])
+    if short != side:
+        img = fn.resize(img, resize_shorter=side, antialias=True)
+    return img
+
+
+def _picture(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, image_size: int,
+             hw_decoder_load: float):
+    """Decode one JPEG per sample and return (uint8 HWC picture, crop_x, crop_y, mirror)."""
     if train:
         # Seeded from the pipeline seed; DALI checkpoints their generator state, so a resumed run draws the
         # same crops and flips as an uninterrupted one.
@@ -38,11 +54,11 @@ def _crop_one(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, 
     gpu_args = dict(hw_decoder_load=hw_decoder_load, preallocate_width_hint=image_size,
                     preallocate_height_hint=image_size) if decode_device == "mixed" else {}
     img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **gpu_args)
-    # "pad": an image smaller than the window is padded with zeros instead of stopping a long run; every
-    # Cdiscount image is 180x180, so this never happens on the real data.
+    img = _fit(img, image_size)
+    # After _fit both sides are >= image_size >= size, so the window always fits; "pad" only guards a
+    # rounding corner case (zeros instead of a stopped run).
     out = fn.crop_mirror_normalize(img, crop=(size, size), crop_pos_x=px, crop_pos_y=py, mirror=mirror,
-                                   mean=list(mean), std=list(std), dtype=dtype, output_layout=layout,
-                                   out_of_bounds_policy="pad")
+                                   dtype=types.UINT8, output_layout="HWC", out_of_bounds_policy="pad")
     return out, px, py, mirror
 
 
@@ -55,8 +71,8 @@ def _tile(tiles, k: int):
     return fn.cat(*tiles, axis_name="W")
 
 
-def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, image_size, mean, std, dtype, layout,
-           shard_id, num_shards, initial_fill, hw_decoder_load, with_params):
+def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, image_size, shard_id, num_shards,
+           initial_fill, hw_decoder_load, with_params):
     schema = records.product_features(tiled_k) if tiled_k else records.IMAGE_FEATURES
     r = fn.readers.tfrecord(
         path=list(paths), index_path=list(index_paths), features=records.dali_features(schema), name=READER,
@@ -68,8 +84,8 @@ def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, ima
         # Train: each epoch a rank moves on to the next shard (more mixing). Eval: a rank keeps its shard.
         stick_to_shard=not train)
     names = [f"image_{i}" for i in range(tiled_k)] if tiled_k else ["image"]
-    parts = [_crop_one(r[n], decode_device=decode_device, train=train, flip=flip, size=size, mean=mean, std=std,
-                       dtype=dtype, layout=layout, hw_decoder_load=hw_decoder_load, image_size=image_size)
+    parts = [_picture(r[n], decode_device=decode_device, train=train, flip=flip, size=size, image_size=image_size,
+                      hw_decoder_load=hw_decoder_load)
              for n in names]
     images = _tile([p[0] for p in parts], tiled_k) if tiled_k else parts[0][0]
     labels = r["label"].gpu() if decode_device == "mixed" else r["label"]
@@ -82,7 +98,7 @@ def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, ima
     return tuple(outs)
 
 
-_pipeline = pipeline_def(_graph)
+_pipeline = pipeline_def(_graph, enable_conditionals=True)
 
 
 def output_names(tiled_k: int, with_params: bool = False):
@@ -90,32 +106,33 @@ def output_names(tiled_k: int, with_params: bool = False):
     return names + (["crop_x", "crop_y", "mirror"] if with_params else [])
 
 
-def build_pipeline(*, paths: Sequence[str], index_paths: Sequence[str], tiled_k: int, train: bool,
-                   decode_device: str, batch_size: int, num_threads: int, device_id: Optional[int], seed: int,
-                   prefetch: int, crop: int, image_size: int, eval_crop: bool = True, flip: bool = False,
-                   mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), dtype: str = "float32", channels_last: bool = False,
-                   shard_id: int = 0, num_shards: int = 1, initial_fill: int = 4096, hw_decoder_load: float = 0.65,
-                   checkpoint=None, with_params: bool = False):
-    """A built pipeline yielding ``output_names(tiled_k, with_params)``.
+def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequence[str], train: bool,
+                   flip: bool = False, device_id: Optional[int] = None, seed: Optional[int] = None,
+                   shard_id: int = 0, num_shards: int = 1, checkpoint=None, with_params: bool = False):
+    """A built pipeline yielding ``output_names(cfg.tiled_k, with_params)``; images are uint8 ``(H, W, 3)``
+    per sample, ``cfg.picture_hw(train)``.
 
-    ``decode_device``: "cpu" (every operator on the CPU, ``device_id=None``) or "mixed" (GPU decode and ops;
-    labels are moved to the GPU too). ``train``: shuffle, random crop position and random flip; otherwise
-    centre crop (or the whole image with ``eval_crop=False``) and ``flip`` mirrors every image (TTA).
-    ``checkpoint``: a ``pipeline.checkpoint()`` / iterator checkpoint to resume from."""
-    if decode_device not in ("cpu", "mixed"):
-        raise ValueError(f"decode_device must be 'cpu' or 'mixed', not {decode_device!r}")
+    The data settings come from ``cfg`` (``backend``: dali-cpu decodes on the CPU, dali-gpu on GPU
+    ``device_id`` with labels moved there too; ``batch_size``, ``num_threads``, ``prefetch``, ``tiled_k``,
+    ``image_size``, ``crop``, ``eval_crop``, ``initial_fill``, ``hw_decoder_load``; ``seed`` unless given).
+    ``paths``/``index_paths``: the shards of one split. ``train``: shuffle, random crop position and random
+    flip; otherwise centre crop (or the whole image with ``eval_crop=False``) and ``flip`` mirrors every
+    image (TTA). ``shard_id``/``num_shards``: this rank's part. ``checkpoint``: a ``pipeline.checkpoint()`` /
+    iterator checkpoint to resume from. ``with_params`` (train, for tests) adds the random draws."""
+    if cfg.backend not in ("dali-cpu", "dali-gpu"):
+        raise ValueError(f"build_pipeline: data.backend must be dali-cpu or dali-gpu, not {cfg.backend!r}")
+    gpu = cfg.backend == "dali-gpu"
     if with_params and not train:
         raise ValueError("with_params reads back random draws: train pipelines only")
-    if decode_device == "mixed" and device_id is None:
-        raise ValueError("decode_device='mixed' needs a CUDA device_id")
-    size = crop if (train or eval_crop) else image_size
+    if gpu and device_id is None:
+        raise ValueError("data.backend=dali-gpu needs a CUDA device_id")
     pipe = _pipeline(
-        paths=paths, index_paths=index_paths, tiled_k=tiled_k, train=train, flip=flip, decode_device=decode_device,
-        size=size, image_size=image_size, mean=mean, std=std, dtype=DALI_DTYPES[dtype],
-        layout="HWC" if channels_last else "CHW", shard_id=shard_id, num_shards=num_shards,
-        initial_fill=initial_fill, hw_decoder_load=hw_decoder_load, with_params=with_params,
-        batch_size=batch_size, num_threads=num_threads, device_id=device_id if decode_device == "mixed" else None,
-        seed=seed, prefetch_queue_depth=prefetch,
+        paths=paths, index_paths=index_paths, tiled_k=cfg.tiled_k, train=train, flip=flip,
+        decode_device="mixed" if gpu else "cpu", size=cfg.picture_side(train), image_size=cfg.image_size,
+        shard_id=shard_id, num_shards=num_shards, initial_fill=cfg.initial_fill,
+        hw_decoder_load=cfg.hw_decoder_load, with_params=with_params,
+        batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id if gpu else None,
+        seed=cfg.seed if seed is None else seed, prefetch_queue_depth=cfg.prefetch,
         # The dynamic executor hands outputs to torch without a copy (DLPack); checkpointing records the
         # reader position and the random generators for mid-epoch resume.
         exec_dynamic=True, enable_checkpointing=True, checkpoint=checkpoint)

@@ -5,6 +5,13 @@ modules sit beside them at the top level, so a ResNet with the 1st-place head ha
 published 1st-place code: conv1, bn1, layer1..layer4, layer5.{0,1}, fc_p1, fc_p1_bn, fc.
 Everything after the trunk is 1x1 convolution or global pooling, so any input size works (160 crops, 180
 images, tiled products of 320x160 ... 320x320).
+
+Input: the loader's batch as it comes, ``uint8 (N, H, W, 3)`` pixels on the device. ``Net.prepare_input``,
+the first step of ``forward`` (so inside ``torch.compile``'s graph, and the same for training, evaluation
+and prediction), normalizes with the trunk's own ImageNet mean and std (timm's ``pretrained_cfg``: Inception
+trunks use 0.5/0.5, DPN its own values, ResNet/DenseNet the usual ImageNet ones), casts to the compute dtype
+(autocast's, else the weights') and lays the batch out as NCHW in the stem's memory format (a free view for
+channels_last). A floating-point ``(N, 3, H, W)`` input is taken as already normalized and passed through.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import torch.nn.functional as F
 from .trunks import Trunk
 
 AUX_HEADS = "aux_heads"  # the hierarchy heads' module: its keys are left out where a model has none
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # for trunks without a pretrained config (tiny): trained from scratch
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -41,13 +48,16 @@ class Net(nn.Module):
         self.num_classes = num_classes
         # what load_pretrained(skip=...) and param_groups treat as new (not from an ImageNet trunk)
         self.new_names = self.head_names + trunk.new
+        mean = tuple(float(v) for v in trunk.cfg.get("mean", IMAGENET_MEAN))
+        std = tuple(float(v) for v in trunk.cfg.get("std", IMAGENET_STD))
         self.default_cfg = {
             "architecture": trunk.name,
             "head": self.head_kind,
             "num_classes": num_classes,
             "input_size": (3, 160, 160),  # the 1st-place training crop; any size works
-            "mean": IMAGENET_MEAN,  # what the data path feeds
-            "std": IMAGENET_STD,
+            "input": "uint8 (N, H, W, 3) pixels, normalized by prepare_input",
+            "mean": mean,  # what prepare_input subtracts (0..1 scale) ...
+            "std": std,  # ... and divides by: the trunk's pretrained config
             "pretrained_cfg": trunk.cfg,  # what the trunk's ImageNet weights were trained with
         }
         self._build_head(trunk.channels, num_classes, **head_kw)
@@ -57,6 +67,14 @@ class Net(nn.Module):
         if aux_classes:
             self.aux_heads = nn.ModuleDict({k: nn.Linear(trunk.channels, int(n)) for k, n in aux_classes.items()})
             self.new_names += (AUX_HEADS,)
+        # x * scale - shift == (x / 255 - mean) / std. Not persistent: checkpoint keys stay those of the
+        # published models, and a checkpoint of any version loads.
+        self.register_buffer("input_scale", torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("input_shift", torch.tensor([m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1),
+                             persistent=False)
+        # The stem's weight: the input follows its dtype (without autocast) and memory format.
+        self._stem = next(n for n, p in self.named_parameters() if p.dim() == 4)
 
     def _build_head(self, channels: int, num_classes: int) -> None:
         raise NotImplementedError
@@ -69,10 +87,28 @@ class Net(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(N, H, W, 3)`` pixels -> normalized ``(N, 3, H, W)`` in the compute dtype, channels_last
+        when the model is. Floating-point ``(N, 3, H, W)`` input is returned as it is (already normalized)."""
+        if x.dtype != torch.uint8:
+            if not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 3:
+                raise ValueError(f"{type(self).__name__} takes uint8 (N, H, W, 3) pixels or normalized floating "
+                                 f"(N, 3, H, W), not {x.dtype} {tuple(x.shape)}")
+            return x
+        if x.dim() != 4 or x.shape[3] != 3:
+            raise ValueError(f"{type(self).__name__}: uint8 input must be (N, H, W, 3) pixels, not {tuple(x.shape)}")
+        stem = self.get_parameter(self._stem)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else stem.dtype
+        x = (x.permute(0, 3, 1, 2).float() * self.input_scale - self.input_shift).to(dtype)  # NCHW view of NHWC
+        if not stem.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
+        return x
+
     def forward(self, x: torch.Tensor, aux: bool = False):
         """Class logits; with ``aux=True`` ``(class logits, [logits of each hierarchy head])`` (an empty list
         without hierarchy heads)."""
-        f = self.forward_features(x)
+        f = self.forward_features(self.prepare_input(x))
         out = self.forward_head(f)
         if not aux:
             return out

@@ -5,19 +5,35 @@
 - ``data_dir``: its train.bson repacked (val fraction 0.2): DATA/{train,val,products/k1..k4}.
 - ``test_data_dir``: its test.bson repacked with ``--unlabelled`` (split ``test``, labels -1).
 
-Tests marked ``gpu`` are skipped where torch sees no CUDA device.
+Tests marked ``gpu`` (quick: ``pytest -m gpu``) and ``gpu_slow`` (long sweeps: ``pytest -m gpu_slow``) are
+skipped where torch sees no CUDA device. Each of them runs under a time limit (``GPU_TEST_TIMEOUT_S``
+seconds, or ``@pytest.mark.gpu_timeout(S)``): past it the test fails instead of holding the machine.
 """
+import signal
+
 import pytest
 
 SYN_PRODUCTS, SYN_TEST_PRODUCTS, SYN_CATEGORIES, SYN_SEED = 400, 60, 8, 0
 
 
+GPU_MARKERS = ("gpu", "gpu_slow")
+GPU_TEST_TIMEOUT_S = 150
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); quick")
+    config.addinivalue_line("markers", "gpu_slow: needs a CUDA GPU (skipped without one); a long sweep, run "
+                                       "with -m gpu_slow")
+    config.addinivalue_line("markers", f"gpu_timeout(seconds): time limit of a GPU test (default "
+                                       f"{GPU_TEST_TIMEOUT_S} s)")
+
+
+def _is_gpu(item) -> bool:
+    return any(m in item.keywords for m in GPU_MARKERS)
 
 
 def pytest_collection_modifyitems(config, items):
-    if not any("gpu" in item.keywords for item in items):
+    if not any(_is_gpu(item) for item in items):
         return
     import torch
 
@@ -25,8 +41,29 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="no CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if _is_gpu(item):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_time_limit(request):
+    """SIGALRM-based limit for GPU tests (no plugin needed on a bare GPU machine)."""
+    if not _is_gpu(request.node) or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+    marker = request.node.get_closest_marker("gpu_timeout")
+    seconds = int(marker.args[0]) if marker else GPU_TEST_TIMEOUT_S
+
+    def expired(signum, frame):
+        pytest.fail(f"{request.node.nodeid}: over its time limit of {seconds} s", pytrace=False)
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="session")

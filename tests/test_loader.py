@@ -52,13 +52,12 @@ def test_train_epoch_contract(data_dir, records):
         batches = list(loader)
         assert len(batches) == spe  # one `for` = one epoch
         for images, labels in batches:
-            assert images.shape == (16, 3, 160, 160) and images.dtype == torch.float32
+            assert images.shape == (16, 160, 160, 3) and images.dtype == torch.uint8  # pixels, NHWC
             assert images.device.type == "cpu"
             assert labels.shape == (16,) and labels.dtype == torch.int64
             assert 0 <= int(labels.min()) and int(labels.max()) < 8
-        cfg = loader.cfg
-        pixels = batches[0][0] * torch.tensor(cfg.std).view(3, 1, 1) + torch.tensor(cfg.mean).view(3, 1, 1)
-        assert -0.01 < float(pixels.min()) and float(pixels.max()) < 255.01  # normalized with mean and std
+        # the generated pictures: a white background around a coloured block; pixels as decoded, not scaled
+        assert int(batches[0][0].max()) == 255 and float(batches[0][0].float().std()) > 20
     assert loader.epoch == 2 and loader.step == 0
 
 
@@ -71,7 +70,7 @@ def test_eval_epoch_every_record_once_with_its_label(data_dir, records):
         got = []
         sizes = []
         for images, labels, meta in loader:
-            assert images.shape[1:] == (3, 160, 160)
+            assert images.shape[1:] == (160, 160, 3)
             sizes.append(len(labels))
             got += [(p, i, lab) for (p, i), lab in zip(_keys(meta), labels.tolist())]
         assert got == want
@@ -94,10 +93,8 @@ def test_sharding_eval_union_is_the_split_exactly_once(data_dir, records, world_
 
 def _prints(images: torch.Tensor) -> list:
     """Fingerprints of whole images that are the same whichever way an image was flipped: the pixel
-    sums of its rows (integers: the pixels are de-normalized and rounded first)."""
-    cfg = DataConfig()
-    pix = images.double() * torch.tensor(cfg.std).view(1, 3, 1, 1) + torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    return [r.numpy().tobytes() for r in pix.round().sum(3).to(torch.int64)]
+    sums of its rows, per channel (uint8 NHWC in)."""
+    return [r.numpy().tobytes() for r in images.to(torch.int64).sum(2)]
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +105,8 @@ def whole_train_images(data_dir):
     can then be traced back to its record, whichever way it was flipped."""
     ds = open_dataset(str(data_dir))
     paths, idxs, counts = ds.shards("train")
-    pipe = build_pipeline(paths=paths, index_paths=idxs, tiled_k=0, train=False, decode_device="cpu",
-                          batch_size=64, num_threads=2, device_id=None, seed=1, prefetch=2, crop=180,
-                          image_size=180, mean=DataConfig().mean, std=DataConfig().std)
+    pipe = build_pipeline(DataConfig(batch_size=64, num_threads=2, seed=1, crop=180, image_size=180),
+                          paths=paths, index_paths=idxs, train=False)
     out = {}
     while len(out) < sum(counts):
         images, labels, pids, index = (torch.from_numpy(np.asarray(x.as_tensor())) for x in pipe.run())
@@ -138,7 +134,7 @@ def test_sharding_train_no_repeats_same_steps_labels_line_up(data_dir, records, 
             assert len(batches) == (n // world_size) // bs == loader.steps_per_epoch
             sets[-1].append(set())
             for images, labels in batches:
-                assert images.shape == (bs, 3, 180, 180)
+                assert images.shape == (bs, 180, 180, 3)
                 for fp, lab in zip(_prints(images), labels.tolist()):
                     pid, index, want = whole_train_images[fp]
                     assert lab == want, (pid, index)
@@ -173,28 +169,22 @@ def test_tiled_loader(data_dir, k):
     loader, spe = build_loader(_cfg(data_dir, tiled_k=k, batch_size=4), 0, 1, "val")
     got = []
     for images, labels, meta in loader:
-        assert images.shape[1:] == ((3, 320, 320) if k == 4 else (3, 160, 160 * k))
+        assert images.shape[1:] == ((320, 320, 3) if k == 4 else (160, 160 * k, 3))
         assert set(meta["image_index"].tolist()) == {-1}
         got += meta["product_id"].tolist()
     assert got == want
     train, spe = build_loader(_cfg(data_dir, tiled_k=k, batch_size=4), 0, 1, "train")
     images, labels = next(iter(train))
-    assert images.shape[1:] == ((3, 320, 320) if k == 4 else (3, 160, 160 * k)) and labels.shape == (4,)
+    assert images.shape[1:] == ((320, 320, 3) if k == 4 else (160, 160 * k, 3)) and labels.shape == (4,)
 
 
-def test_dtypes_layout_and_flip(data_dir):
+def test_flip_and_whole_image(data_dir):
     plain = next(iter(build_loader(_cfg(data_dir), 0, 1, "val")[0]))[0]
+    assert plain.shape == (16, 160, 160, 3) and plain.dtype == torch.uint8 and plain.is_contiguous()
     flipped = next(iter(build_loader(_cfg(data_dir), 0, 1, "val", flip=True)[0]))[0]
-    assert torch.equal(flipped, plain.flip(3))  # TTA: the same images, mirrored
-    for dtype, tdtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
-        x = next(iter(build_loader(_cfg(data_dir, dtype=dtype), 0, 1, "val")[0]))[0]
-        assert x.dtype == tdtype
-        assert torch.allclose(x.float(), plain, atol=0.05)
-    nhwc = next(iter(build_loader(_cfg(data_dir, channels_last=True), 0, 1, "val")[0]))[0]
-    assert nhwc.shape == (16, 160, 160, 3)
-    assert torch.equal(nhwc.permute(0, 3, 1, 2), plain)
+    assert torch.equal(flipped, plain.flip(2))  # TTA: the same images, mirrored (W is dim 2 in NHWC)
     full = next(iter(build_loader(_cfg(data_dir, eval_crop=False), 0, 1, "val")[0]))[0]
-    assert full.shape == (16, 3, 180, 180) and torch.equal(full[:, :, 10:170, 10:170], plain)
+    assert full.shape == (16, 180, 180, 3) and torch.equal(full[:, 10:170, 10:170], plain)
 
 
 def test_eval_batch_larger_than_a_rank_share(data_dir, records):
@@ -335,22 +325,22 @@ def test_error_bad_rank_and_split(data_dir):
 
 
 # ---- synthetic --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("channels_last,dtype", [(False, "float32"), (True, "bfloat16")])
-def test_synthetic_backend(channels_last, dtype):
+def test_synthetic_backend():
     cfg = DataConfig(backend="synthetic", batch_size=4, crop=32, image_size=40, synthetic_num_classes=10,
-                     synthetic_steps=3, channels_last=channels_last, dtype=dtype)
+                     synthetic_steps=3)
     loader, spe = build_loader(cfg, 0, 1, "train", device=torch.device("cpu"))
     assert spe == 3 and loader.num_classes == 10 and loader.num_samples == 12
     batches = list(loader)
     assert len(batches) == 3 and len(list(loader)) == 3
     images, labels = batches[0]
-    assert images.shape == ((4, 32, 32, 3) if channels_last else (4, 3, 32, 32))
-    assert images.dtype == getattr(torch, dtype) and labels.dtype == torch.int64
+    assert images.shape == (4, 32, 32, 3) and images.dtype == torch.uint8 and labels.dtype == torch.int64
     assert int(labels.max()) < 10 and batches[1][0] is images  # made once, reused
     state = loader.state()
     assert build_loader(cfg, 0, 1, "train", state=state)[0].epoch == 2
     images, labels, meta = next(iter(build_loader(cfg, 0, 1, "val")[0]))
-    assert meta["product_id"].shape == (4,)
+    assert meta["product_id"].shape == (4,) and images.shape == (4, 32, 32, 3)
+    cfg.eval_crop = False
+    assert next(iter(build_loader(cfg, 0, 1, "val")[0]))[0].shape == (4, 40, 40, 3)  # the crop rule as DALI's
 
 
 # ---- memory -----------------------------------------------------------------------------------------------
@@ -383,26 +373,29 @@ def test_dali_gpu_eval_matches_dali_cpu(data_dir, k):
     dev = torch.device("cuda", 0)
     cpu, _ = build_loader(_cfg(data_dir, tiled_k=k, batch_size=8), 0, 1, "val")
     gpu, _ = build_loader(_cfg(data_dir, tiled_k=k, batch_size=8, backend="dali-gpu"), 0, 1, "val", device=dev)
-    std = torch.tensor(DataConfig().std).view(1, 3, 1, 1)
     diffs = []
     for (xc, yc, mc), (xg, yg, mg) in zip(cpu, gpu):
         assert xg.device == dev and yg.device == dev and yg.dtype == torch.int64
+        assert xg.dtype == torch.uint8 and xg.shape == xc.shape
         assert torch.equal(yg.cpu(), yc) and torch.equal(mg["product_id"], mc["product_id"])
         assert torch.equal(mg["image_index"], mc["image_index"])
-        diffs.append(((xg.cpu() - xc) * std).abs().flatten())
+        diffs.append((xg.cpu().float() - xc.float()).abs().flatten())
     d = torch.cat(diffs)
-    print(f"dali-gpu vs dali-cpu, K={k}: mean {float(d.mean()):.3f}, max {float(d.max()):.1f} levels")
-    assert float(d.mean()) < 1.5 and float(d.max()) < 40
+    p99 = float(np.percentile(d.numpy(), 99))
+    print(f"dali-gpu vs dali-cpu, K={k}: mean {float(d.mean()):.3f}, p99 {p99:.0f}, max {float(d.max()):.0f} levels")
+    # nvJPEG and libjpeg-turbo upsample chroma differently next to sharp colour edges: a few pixels differ by
+    # up to ~100 levels. libjpeg-turbo's own two upsamplings differ on such pictures by mean 0.95, p99 14.
+    assert float(d.mean()) < 1.5 and p99 < 24
 
 
 @pytest.mark.gpu
 def test_dali_gpu_train_layouts_and_resume(data_dir):
     dev = torch.device("cuda", 0)
-    cfg = _cfg(data_dir, backend="dali-gpu", dtype="float16", channels_last=True)
+    cfg = _cfg(data_dir, backend="dali-gpu")
     loader, spe = build_loader(cfg, 0, 1, "train", device=dev)
     ref = []
     for images, labels in loader:
-        assert images.shape == (16, 160, 160, 3) and images.dtype == torch.float16 and images.device == dev
+        assert images.shape == (16, 160, 160, 3) and images.dtype == torch.uint8 and images.device == dev
         assert labels.shape == (16,) and labels.dtype == torch.int64 and labels.device == dev
         ref.append(_fingerprint((images.float().cpu(), labels.cpu())))
     assert len(ref) == spe

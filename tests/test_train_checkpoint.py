@@ -115,3 +115,19 @@ def test_a_file_that_is_no_checkpoint_is_named_so_without_torchs_advice(tmp_path
         f"predict: error: {tmp_path / 'garbage.pt'} is not a checkpoint of this trainer: not a torch file at all. "
         "Pass RUN/best.pt or RUN/last.pt written by train/run.sh (a damaged RUN/last.pt: delete it, and the run "
         "starts over)"]
+
+
+def test_checkpoint_of_an_older_version_with_data_normalization_keys_loads(tmp_path):
+    """Checkpoints written when the loader normalized (data.dtype, channels_last, mean, std) still load: those
+    keys are dropped, and the data section builds a DataConfig again."""
+    from dali_pipes.config import DataConfig
+    from train.config import from_dict
+
+    old_data = {"path": "DATA", "backend": "dali-cpu", "batch_size": 8, "crop": 80, "dtype": "float32",
+                "channels_last": False, "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
+    path = str(tmp_path / "old.pt")
+    checkpoint.save({"format": checkpoint.FORMAT, "model": {"w": torch.ones(2)}, "config": {"data": old_data}}, path)
+    ck = checkpoint.load(path)
+    assert ck["config"]["data"] == {"path": "DATA", "backend": "dali-cpu", "batch_size": 8, "crop": 80}
+    assert DataConfig(**ck["config"]["data"]).crop == 80
+    assert from_dict({"data": ck["config"]["data"]}).data.batch_size == 8

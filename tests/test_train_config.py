@@ -65,16 +65,19 @@ def test_override_parsing():
         "optim.lr_schedule=[[0, 1e-3], [1.5, 1e-4]]",  # YAML 1.1 reads 1e-3 as a string: still a float
         "model.pretrained=null",
         "train.init_from=/a/b=c.pt",  # only the first '=' splits
-        "data.channels_last=true",
+        "model.channels_last=false",
         "early_stop.after_epoch=null",
-        "data.mean=[1, 2, 3]",
+        "optim.betas=[0.8, 1]",
     ])
     assert cfg.train.amp == "off"
     assert cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
     assert cfg.optim.lr_schedule == [[0.0, 1e-3], [1.5, 1e-4]]
     assert cfg.model.pretrained is None and cfg.train.init_from == "/a/b=c.pt"
-    assert cfg.data.channels_last is True and cfg.early_stop.after_epoch is None
-    assert cfg.data.mean == [1.0, 2.0, 3.0]
+    assert cfg.model.channels_last is False and cfg.early_stop.after_epoch is None
+    assert cfg.optim.betas == [0.8, 1.0]
+    for gone in ("data.dtype=float16", "data.channels_last=true", "data.mean=[1, 2, 3]", "data.std=[1, 2, 3]"):
+        with pytest.raises(ConfigError, match="unknown config key"):  # the model normalizes its input now
+            load_config("resnet50", [gone])
     for bad, pattern in [("train", "expected section.key=value"), ("train.epochs", "expected section.key=value"),
                          ("train=1", "expected section.key=value"), ("data=1", "expected section.key=value"),
                          ("train.epochs=[1", "not valid YAML"), ("optim.lr_schedule=[[1, 1e-3]]", "start at epoch 0"),

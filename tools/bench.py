@@ -164,14 +164,13 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-# ---- baseline: PIL + DataLoader, and bare decode ---------------------------------------------------
+# ---- baseline: PIL and torchvision.io in DataLoader workers, and bare decode ----------------------------
 class _PilDataset:
-    """The usual alternative: decode with PIL, random crop, flip, normalize, in DataLoader workers."""
+    """The usual alternative: decode with PIL (EXIF orientation applied, as DALI does), random crop and flip
+    of uint8 pixels (HWC, like our loader), in DataLoader workers."""
 
     def __init__(self, jpegs: List[bytes], crop: int, seed: int = 0):
         self.jpegs, self.crop, self.seed = jpegs, crop, seed
-        self.mean = np.array([0.485, 0.456, 0.406], np.float32) * 255
-        self.std = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
     def __len__(self):
         return len(self.jpegs)
@@ -180,17 +179,55 @@ class _PilDataset:
         import io
 
         import torch
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         rng = np.random.default_rng((self.seed, i))
-        img = np.asarray(Image.open(io.BytesIO(self.jpegs[i])).convert("RGB"))
+        img = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(self.jpegs[i]))).convert("RGB"))
         h, w = img.shape[:2]
         y, x = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
         img = img[y:y + self.crop, x:x + self.crop]
         if rng.random() < 0.5:
             img = img[:, ::-1]
-        img = (img.astype(np.float32) - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), 0
+        return torch.from_numpy(np.ascontiguousarray(img)), 0
+
+
+class _TorchvisionDataset:
+    """The plain-PyTorch path an expert picks: ``torchvision.io.decode_jpeg`` (libjpeg-turbo, EXIF orientation
+    applied) in DataLoader workers, random crop and flip on the uint8 CHW tensor."""
+
+    def __init__(self, jpegs: List[bytes], crop: int, seed: int = 0):
+        import torch
+
+        self.jpegs = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+        self.crop, self.seed = crop, seed
+
+    def __len__(self):
+        return len(self.jpegs)
+
+    def __getitem__(self, i):
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        img = decode_jpeg(self.jpegs[i], mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        h, w = img.shape[1:]
+        y = int(torch.randint(0, h - self.crop + 1, (), generator=g))
+        x = int(torch.randint(0, w - self.crop + 1, (), generator=g))
+        img = img[:, y:y + self.crop, x:x + self.crop]
+        if bool(torch.rand((), generator=g) < 0.5):
+            img = img.flip(2)
+        return img.contiguous(), 0
+
+
+def _dataloader_rate(ds, a) -> float:
+    from torch.utils.data import DataLoader
+
+    dl = DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.threads, drop_last=True,
+                    persistent_workers=True)
+    batches = _endless(dl)
+    rate, _ = timed_loop(lambda: next(batches)[0].shape[0], warmup=2, seconds=a.seconds)
+    del batches, dl
+    return rate
 
 
 def _decode_rate(jpegs: List[bytes], seconds: float) -> float:
@@ -207,20 +244,15 @@ def _decode_rate(jpegs: List[bytes], seconds: float) -> float:
 def bench_baseline(a) -> dict:
     import multiprocessing as mp
 
-    from torch.utils.data import DataLoader
-
     jpegs = _jpegs(a.data, a.images)
-    ds = _PilDataset(jpegs, a.crop)
-    dl = DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.threads, drop_last=True,
-                    persistent_workers=True)
-    batches = _endless(dl)
-    pil_rate, _ = timed_loop(lambda: next(batches)[0].shape[0], warmup=2, seconds=a.seconds)
-    del batches, dl
+    pil_rate = _dataloader_rate(_PilDataset(jpegs, a.crop), a)
+    tv_rate = _dataloader_rate(_TorchvisionDataset(jpegs, a.crop), a)
     # The floor: libjpeg-turbo decodes alone, one process per thread, rates added.
     with mp.get_context("spawn").Pool(a.threads) as pool:
         rates = pool.starmap(_decode_rate, [(jpegs, a.seconds)] * a.threads)
     bare = float(sum(rates))
     return {"mode": "baseline", "pil_dataloader": {"images_per_s": pil_rate},
+            "torchvision_dataloader": {"images_per_s": tv_rate},
             "bare_decode": {"images_per_s": bare, "per_core_images_per_s": bare / a.threads},
             "env": environment(a.batch, a.threads)}
 
@@ -258,8 +290,8 @@ def _train_rate(a, backend: str, data: Optional[str], num_classes: int) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = from_dict({
         "data": {"path": data or "", "backend": backend, "batch_size": a.batch, "crop": a.crop,
-                 "num_threads": a.threads, "channels_last": a.channels_last, "synthetic_num_classes": num_classes,
-                 "synthetic_steps": a.warmup + a.steps, "dtype": "float32"},
+                 "num_threads": a.threads, "synthetic_num_classes": num_classes,
+                 "synthetic_steps": a.warmup + a.steps},
         "model": {"name": a.model, "channels_last": a.channels_last, "compile": a.compile},
         "train": {"amp": a.amp, "tensorboard": False, "log_every": 1_000_000}})
     cfg.validate()
@@ -391,7 +423,7 @@ def _common(p, data_required=True):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
-    p = sub.add_parser("baseline", help="PIL + DataLoader, and a bare libjpeg-turbo decode loop")
+    p = sub.add_parser("baseline", help="PIL and torchvision.io DataLoaders, and a bare libjpeg-turbo decode loop")
     _common(p)
     p.add_argument("--images", type=int, default=2048, help="JPEGs taken from the train split")
     p = sub.add_parser("loader", help="images/s of the DALI loader alone (train pipeline)")

@@ -20,6 +20,7 @@ from typing import List
 import numpy as np
 import torch
 
+from dali_pipes.config import drop_legacy_keys
 from dali_pipes.dataset import check_class_map
 from models import without_aux
 from dali_pipes.fileio import TMP_SUFFIX, atomic_open, atomic_path
@@ -73,6 +74,9 @@ def load(path: str) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer: a torch file without its fields "
                               f"(format {FORMAT}, model, ...). Pass RUN/best.pt or RUN/last.pt written by "
                               "train/run.sh")
+    cfg = ckpt.get("config")
+    if isinstance(cfg, dict) and isinstance(cfg.get("data"), dict):  # data keys of older versions
+        cfg["data"] = drop_legacy_keys(cfg["data"])
     return ckpt
 
 
@@ -142,4 +146,3 @@ def check_model(ckpt: dict, path: str, model_name: str, head: str, model: torch.
 
 def check_classes(ckpt: dict, path: str, category_ids: List[int]) -> None:
     check_class_map(list(ckpt.get("category_ids", [])), list(category_ids), f"{path} vs the data")
-

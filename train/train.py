@@ -149,6 +149,7 @@ class Trainer:
         model = (DDP(raw, device_ids=[self.dev.index] if self.dev.type == "cuda" else None, gradient_as_bucket_view=True)
                  if d.enabled else raw)
         self.model = torch.compile(model) if mc.compile else model
+        self._compile_pending = bool(mc.compile)  # compiled lazily, on the first step
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing)
 
         # Every rank's own RNG streams: restored last, after everything above drew from them.
@@ -205,11 +206,9 @@ class Trainer:
         return torch.autocast(self.dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
     def prepare(self, images: torch.Tensor, labels: torch.Tensor):
+        """The batch on the device. Images stay the loader's uint8 (N, H, W, 3): the model normalizes them
+        and sets the layout itself (``models.heads.Net.prepare_input``, inside the compiled graph)."""
         images = images.to(self.dev, non_blocking=True)
-        if self.cfg.data.channels_last:  # NHWC from the loader: a free view as NCHW in channels_last
-            images = images.permute(0, 3, 1, 2)
-        if self.cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(self.dev, non_blocking=True).view(-1).long()
 
     def _reset_interval(self) -> None:
@@ -219,7 +218,20 @@ class Trainer:
         self.dev_step = torch.full((), self.step, dtype=torch.long, device=self.dev)
         self.int_steps, self.int_wait, self.int_start = 0, 0.0, time.perf_counter()
 
+    def _first_compiled_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """torch.compile traces and compiles the model (forward, input normalization included, and backward)
+        on its first call: say so, and how long that step took."""
+        self._compile_pending = False
+        self.log.print(f"compiling {self.cfg.model.name} with torch.compile (inductor) on the first step ...")
+        t0 = time.perf_counter()
+        self.train_step(images, labels)
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        self.log.print(f"compiled: the first step took {time.perf_counter() - t0:.1f} s, compilation included")
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self._compile_pending:
+            return self._first_compiled_step(images, labels)
         with self.autocast():
             logits = self.model(images)
             loss = self.criterion(logits, labels)
