@@ -30,6 +30,7 @@ def test_baseline(data_dir, tmp_path):
                    "--seconds", "1", "--images", "64")
     assert res["mode"] == "baseline"
     assert res["pil_dataloader"]["images_per_s"] > 0 and res["bare_decode"]["images_per_s"] > 0
+    assert res["torchvision_dataloader"]["images_per_s"] > 0  # decode_jpeg in DataLoader workers, uint8 crops
     assert res["bare_decode"]["per_core_images_per_s"] == pytest.approx(res["bare_decode"]["images_per_s"])
 
 
@@ -41,6 +42,34 @@ def test_train_real_and_synthetic_in_one_run(data_dir, tmp_path):
     assert real["images_per_s"] > 0 and syn["images_per_s"] > 0 and 0 <= real["data_wait_share"] < 1
     assert res["real_over_synthetic"] == pytest.approx(real["images_per_s"] / syn["images_per_s"])
     assert res["num_classes"] == 8
+
+
+def test_tune_times_each_setting_and_names_the_fastest(data_dir, tmp_path, capsys):
+    res = run_mode(tmp_path, "tune", "--data", str(data_dir), "--recipe", "demo", "--batches", "16",
+                   "--threads-list", "1", "2", "--seconds", "0.2", "--warmup", "1")
+    rows = res["candidates"]
+    assert set(rows) == {"synthetic b16", "dali-cpu t1 b16", "dali-cpu t2 b16"}
+    assert res["model"] == "tiny" and res["num_classes"] == 8 and res["compile"] is False
+    for name, r in rows.items():
+        assert r["images_per_s"] > 0 and r["steps"] >= 10 and 0 <= r["data_wait_share"] < 1
+        assert r["over_synthetic"] == pytest.approx(r["images_per_s"] / rows["synthetic b16"]["images_per_s"])
+    best = max(["dali-cpu t1 b16", "dali-cpu t2 b16"], key=lambda n: rows[n]["images_per_s"])
+    assert res["best"] == best
+    from train.config import load_config
+    assert load_config("demo").data.batch_size != 16  # so the line names the batch size too
+    assert res["override"] == f"data.backend=dali-cpu data.num_threads={rows[best]['num_threads']} data.batch_size=16"
+    assert f"override: {res['override']}" in capsys.readouterr().out
+
+
+def test_tune_candidates_on_a_gpu_machine():
+    cands = bench.tune_candidates(cuda=True, cpus=16, batches=[256, 512])
+    gpu = [(c["num_threads"], c["hw_decoder_load"]) for c in cands if c["backend"] == "dali-gpu"]
+    assert sorted(gpu) == [(4, 0.0), (4, 0.5), (4, 1.0), (8, 0.0), (8, 0.5), (8, 1.0)]
+    assert sorted(c["num_threads"] for c in cands if c["backend"] == "dali-cpu") == [8, 14]
+    assert {c["batch_size"] for c in cands} == {256}
+    c = {"backend": "dali-gpu", "num_threads": 8, "hw_decoder_load": 0.5, "batch_size": 512}
+    assert bench.override_line(c, 256) == ("data.backend=dali-gpu data.num_threads=8 data.hw_decoder_load=0.5 "
+                                           "data.batch_size=512")
 
 
 def test_train_synthetic_only(tmp_path):

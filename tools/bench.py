@@ -3,6 +3,7 @@
     python -m tools.bench loader   --data DATA [--backend dali-cpu|dali-gpu] [--batch B] [--threads T]
     python -m tools.bench baseline --data DATA [--batch B] [--threads T]
     python -m tools.bench train    --model resnet50 [--data DATA] [--synthetic] [--amp bf16|fp16|off] ...
+    python -m tools.bench tune     --data DATA [--recipe resnet50] [--model M] [--batches 256 512] [--seconds 8]
     python -m tools.bench predict  --data DATA_TEST|--bson test.bson --checkpoint RUN/best.pt [--tta flip]
     python -m tools.bench repack   --bson train.bson --categories category_names.csv [--workers 1 2]
 
@@ -344,6 +345,164 @@ def bench_train(a) -> dict:
     return res
 
 
+# ---- tune: the input setting that trains fastest -------------------------------------------------------
+def tune_candidates(cuda: bool, cpus: int, batches: List[int], threads: Optional[List[int]] = None,
+                    hw_loads: Optional[List[float]] = None) -> List[dict]:
+    """The input settings ``bench tune`` tries at the first batch size: dali-gpu with each hardware-decoder
+    share and thread count (GPU only), dali-cpu with each thread count. Synthetic data is timed apart."""
+    if cuda:
+        gpu_threads = threads or sorted({min(4, cpus), min(8, cpus)})
+        cpu_threads = threads or sorted({max(1, cpus // 2), max(1, cpus - 2)})
+        hw = hw_loads if hw_loads is not None else [0.0, 0.5, 1.0]
+        out = [{"backend": "dali-gpu", "num_threads": t, "hw_decoder_load": h} for h in hw for t in gpu_threads]
+    else:
+        cpu_threads = threads or sorted({max(1, cpus // 2), cpus})
+        out = []
+    out += [{"backend": "dali-cpu", "num_threads": t, "hw_decoder_load": 0.0} for t in cpu_threads]
+    return [dict(c, batch_size=batches[0]) for c in out]
+
+
+def _candidate_name(c: dict) -> str:
+    if c["backend"] == "synthetic":
+        return f"synthetic b{c['batch_size']}"
+    hw = f" hw{c['hw_decoder_load']:g}" if c["backend"] == "dali-gpu" else ""
+    return f"{c['backend']} t{c['num_threads']}{hw} b{c['batch_size']}"
+
+
+def override_line(c: dict, recipe_batch: int) -> str:
+    """The ``section.key=value`` words that select candidate ``c`` in ``train/run.sh``."""
+    words = [f"data.backend={c['backend']}", f"data.num_threads={c['num_threads']}"]
+    if c["backend"] == "dali-gpu":
+        words.append(f"data.hw_decoder_load={c['hw_decoder_load']:g}")
+    if c["batch_size"] != recipe_batch:
+        words.append(f"data.batch_size={c['batch_size']}")
+    return " ".join(words)
+
+
+def _time_steps(trainer, loader, seconds: float, warmup: int, sync: Callable[[], None]) -> dict:
+    """images/s and data-wait share of the trainer's own training step on ``loader``'s batches."""
+    batches = _endless(loader)
+    for _ in range(warmup):
+        trainer.train_step(*trainer.prepare(*next(batches)))
+    sync()
+    steps, images, wait = 0, 0, 0.0
+    t0 = time.perf_counter()
+    while True:
+        t1 = time.perf_counter()
+        x, y = next(batches)
+        wait += time.perf_counter() - t1
+        trainer.train_step(*trainer.prepare(x, y))
+        steps, images = steps + 1, images + x.shape[0]
+        if steps % 10 == 0:  # the host may not run far ahead of the device
+            sync()
+            if time.perf_counter() - t0 >= seconds:
+                break
+    sync()
+    dt = time.perf_counter() - t0
+    return {"images_per_s": images / dt, "data_wait_share": wait / dt, "steps": steps}
+
+
+def bench_tune(a) -> dict:
+    """Real training steps of the recipe's model (compiled as the recipe says) for each input setting of
+    ``tune_candidates``, then the best two at the other batch sizes, and synthetic data at each batch size.
+    One model and optimizer serve every candidate (the trainer's own ``prepare`` and ``train_step``), so
+    the model is compiled once per batch size; the first candidate's warm-up includes that compilation."""
+    import dataclasses
+    import gc
+
+    import torch
+
+    from dali_pipes.loader import build_loader
+    from train.config import load_config
+    from train.distributed import Dist
+    from train.train import Trainer
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    recipe = a.recipe or ("resnet50" if cuda else "demo")
+    cfg = load_config(recipe, list(a.override or []))
+    cfg.data.path = a.data
+    if a.model:
+        cfg.model.name = a.model
+    cfg.model.pretrained, cfg.train.init_from = None, None
+    cfg.train.tensorboard, cfg.train.log_every, cfg.early_stop.after_epoch = False, 1_000_000, None
+    if not cuda:
+        cfg.data.backend = "dali-cpu"
+    recipe_batch = cfg.data.batch_size
+    batches = a.batches or ([recipe_batch, 2 * recipe_batch] if cuda else [recipe_batch])
+    cfg.data.batch_size = batches[0]
+    # One static graph per batch size (no dynamic-shape recompile that would time another kernel set).
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def release():
+        gc.collect()
+        try:
+            from nvidia.dali.backend import ReleaseUnusedMemory
+            ReleaseUnusedMemory()
+        except ImportError:  # pragma: no cover
+            pass
+
+    rows: Dict[str, dict] = {}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, run_dir, Dist(device=dev))
+        num_classes = trainer.num_classes
+
+        def run(c: dict) -> dict:
+            if c["backend"] == "synthetic":
+                dc = dataclasses.replace(cfg.data, backend="synthetic", batch_size=c["batch_size"],
+                                         synthetic_num_classes=num_classes, synthetic_steps=1000)
+            else:
+                dc = dataclasses.replace(cfg.data, backend=c["backend"], num_threads=c["num_threads"],
+                                         hw_decoder_load=c["hw_decoder_load"], batch_size=c["batch_size"])
+            name = _candidate_name(c)
+            t0 = time.perf_counter()
+            try:
+                loader, _ = build_loader(dc, 0, 1, "train", device=dev)
+                r = _time_steps(trainer, loader, a.seconds, a.warmup, sync)
+                del loader
+            except torch.cuda.OutOfMemoryError:
+                r = {"error": "out of GPU memory"}
+            release()
+            r = dict(c, **r, seconds=round(time.perf_counter() - t0, 1))
+            rows[name] = r
+            rate = f"{r['images_per_s']:9,.0f} img/s, data wait {r['data_wait_share']:5.1%}" if "images_per_s" in r \
+                else r["error"]
+            print(f"  {name:<28} {rate}   ({r['seconds']:.0f} s)", flush=True)
+            return r
+
+        for i, b in enumerate(batches):
+            run({"backend": "synthetic", "num_threads": 0, "hw_decoder_load": 0.0, "batch_size": b})
+            if i == 0:
+                cands = tune_candidates(cuda, os.cpu_count() or 1, batches, a.threads_list, a.hw_loads)
+            else:  # the two best settings of the first batch size
+                done = sorted((r for r in rows.values() if r["backend"] != "synthetic" and "images_per_s" in r),
+                              key=lambda r: -r["images_per_s"])[:2]
+                cands = [{k: r[k] for k in ("backend", "num_threads", "hw_decoder_load")} for r in done]
+                cands = [dict(c, batch_size=b) for c in cands]
+            for c in cands:
+                run(c)
+        trainer.close()
+    real = [r for r in rows.values() if r["backend"] != "synthetic" and "images_per_s" in r]
+    if not real:
+        raise ValueError("bench tune: no candidate ran (see the errors above)")
+    best = max(real, key=lambda r: r["images_per_s"])
+    synth = rows.get(_candidate_name(dict(best, backend="synthetic")), {})
+    for r in rows.values():
+        s = rows.get(_candidate_name(dict(r, backend="synthetic")), {})
+        if "images_per_s" in r and s.get("images_per_s"):
+            r["over_synthetic"] = r["images_per_s"] / s["images_per_s"]
+    line = override_line(best, recipe_batch)
+    print(f"fastest: {_candidate_name(best)}: {best['images_per_s']:,.0f} images/s"
+          + (f" ({best['over_synthetic']:.2f}x synthetic {synth['images_per_s']:,.0f})" if "over_synthetic" in best else ""))
+    print(f"override: {line}")
+    return {"mode": "tune", "recipe": recipe, "model": cfg.model.name, "compile": cfg.model.compile,
+            "amp": cfg.train.amp, "num_classes": num_classes, "override": line, "best": _candidate_name(best),
+            "seconds": round(time.perf_counter() - t_start, 1), "candidates": rows,
+            "env": environment(batches[0], None)}
+
+
 # ---- predict -------------------------------------------------------------------------------------------
 def bench_predict(a) -> dict:
     import torch
@@ -444,6 +603,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--classes", type=int, default=5270, help="classes of the synthetic-only run")
+    p = sub.add_parser("tune", help="time real training steps for each input setting; print the fastest")
+    p.add_argument("--data", required=True, help="a repacked DATA directory")
+    p.add_argument("--recipe", help="recipe whose model, amp, compile and data settings are used "
+                                    "(default: resnet50 with a GPU, demo without)")
+    p.add_argument("--model", help="model.name instead of the recipe's")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: the recipe's and twice it on "
+                                                           "a GPU); the first one tries every setting")
+    p.add_argument("--threads-list", type=int, nargs="+", help="DALI thread counts to try")
+    p.add_argument("--hw-loads", type=float, nargs="+", help="dali-gpu hw_decoder_load values (default 0 0.5 1)")
+    p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per candidate")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per candidate")
+    p.add_argument("--override", nargs="*", metavar="section.key=value", help="recipe overrides")
+    p.add_argument("--json", help="write every figure and the environment to this file")
     p = sub.add_parser("predict", help="end-to-end predict vs forward-only images/s on an unlabelled repack")
     _common(p, data_required=False)
     p.add_argument("--bson", help="a test BSON instead of --data: its unlabelled repack is timed on its own")
@@ -463,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 MODES = {"baseline": bench_baseline, "repack": bench_repack, "loader": bench_loader, "train": bench_train,
+         "tune": bench_tune,
          "predict": bench_predict}
 
 
