@@ -6,14 +6,14 @@ the size of a picture is ``DataConfig.picture_hw``.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 BACKENDS = ("dali-gpu", "dali-cpu", "synthetic")
 # Keys of older configs (checkpoints written before the loader yielded uint8 NHWC): the normalization moved
 # into the model, so a saved config drops them (``drop_legacy_keys``); a recipe that sets one is an error.
 LEGACY_KEYS = ("dtype", "channels_last", "mean", "std")
-
 
 
 @dataclass
@@ -71,8 +71,30 @@ class DataConfig:
         }
 
 
-def resolve_backend(backend: str) -> str:
-    """Refuse a GPU backend on a machine without CUDA, with the fix in the message."""
+def resolve_backend(backend: Optional[str], note: Optional[Callable[[str], None]] = None) -> str:
+    """The one backend policy of every entry point (training, ``tools.predict``, ``tools.bench``).
+
+    ``None`` (a tool's default) means dali-gpu where torch sees a CUDA device, else dali-cpu. dali-gpu on a
+    machine without a CUDA device falls back to dali-cpu (the same graph, decoded on the CPU), and ``note``
+    (default: print to stderr) says so; the entry point then records the backend it really used. Any other
+    backend is returned as it is. The loader itself never falls back (``require_backend``)."""
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if backend is None:
+        return "dali-gpu" if has_gpu else "dali-cpu"
+    if backend == "dali-gpu" and not has_gpu:
+        msg = "no CUDA device visible: data.backend dali-gpu -> dali-cpu (decoding on the CPU)"
+        if note is None:
+            print(f"note: {msg}", file=sys.stderr, flush=True)
+        else:
+            note(msg)
+        return "dali-cpu"
+    return backend
+
+
+def require_backend(backend: str) -> str:
+    """The loader's check: refuse a GPU backend on a machine without CUDA, with the fix in the message."""
     if backend == "dali-gpu":
         import torch
 
@@ -87,4 +109,4 @@ def drop_legacy_keys(data: dict) -> dict:
     return {k: v for k, v in data.items() if k not in LEGACY_KEYS}
 
 
-__all__ = ["DataConfig", "BACKENDS", "LEGACY_KEYS", "drop_legacy_keys", "resolve_backend"]
+__all__ = ["DataConfig", "BACKENDS", "LEGACY_KEYS", "drop_legacy_keys", "resolve_backend", "require_backend"]

@@ -46,7 +46,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from .config import DataConfig, resolve_backend
+from .config import DataConfig, require_backend
 from .dataset import DatasetError, check_class_map, open_dataset
 
 STATE_VERSION = 1
@@ -60,9 +60,10 @@ def shard_range(n: int, rank: int, world_size: int) -> range:
 class _Loader:
     """What every backend shares: attributes, epoch/step counting and the checked state dict."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, flip: bool):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, flip: bool,
+                 augment: Optional[bool] = None):
         self.cfg, self.rank, self.world_size, self.split, self.flip = cfg, rank, world_size, split, flip
-        self.train = split == "train"
+        self.train = split == "train" if augment is None else bool(augment)
         self.epoch = 0
         self.step = 0  # batches handed out in the current epoch
         self.steps_per_epoch = 0
@@ -106,12 +107,13 @@ class _Loader:
 
 # ---- DALI ------------------------------------------------------------------------------------------------
 class DaliLoader(_Loader):
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip,
+                 augment=None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         from .pipelines import READER, build_pipeline, output_names
 
-        super().__init__(cfg, rank, world_size, split, flip)
+        super().__init__(cfg, rank, world_size, split, flip, augment)
         gpu = cfg.backend == "dali-gpu"
         ds = open_dataset(cfg.path)
         if class_map is not None and ds.category_ids:  # unlabelled test data has no class map to compare
@@ -206,8 +208,9 @@ class DaliLoader(_Loader):
 class SyntheticLoader(_Loader):
     """The same batch every step, made once on ``device``: the model's speed without any input cost."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip):
-        super().__init__(cfg, rank, world_size, split, flip)
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip,
+                 augment=None):
+        super().__init__(cfg, rank, world_size, split, flip, augment)
         device = torch.device("cpu") if device is None else torch.device(device)
         self.num_classes = cfg.synthetic_num_classes
         self.category_ids = list(range(self.num_classes))  # stand-ins: there is no classes.csv
@@ -240,13 +243,15 @@ class SyntheticLoader(_Loader):
 
 
 def build_loader(cfg: DataConfig, rank: int, world_size: int, split: str, device=None, state: Optional[dict] = None,
-                 class_map: Optional[Sequence[int]] = None, flip: bool = False):
-    """``(loader, steps_per_epoch)``; see the module docstring for the contract."""
+                 class_map: Optional[Sequence[int]] = None, flip: bool = False, augment: Optional[bool] = None):
+    """``(loader, steps_per_epoch)``; see the module docstring for the contract. ``augment=False`` reads the
+    train split as an evaluation split (file order, centre crop, every image once: ``tools.clean``);
+    the default augments the train split only."""
     cfg.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    if resolve_backend(cfg.backend) == "synthetic":
-        loader = SyntheticLoader(cfg, rank, world_size, split, device, state, class_map, flip)
+    if require_backend(cfg.backend) == "synthetic":
+        loader = SyntheticLoader(cfg, rank, world_size, split, device, state, class_map, flip, augment)
     else:
-        loader = DaliLoader(cfg, rank, world_size, split, device, state, class_map, flip)
+        loader = DaliLoader(cfg, rank, world_size, split, device, state, class_map, flip, augment)
     return loader, loader.steps_per_epoch

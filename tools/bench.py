@@ -1,6 +1,6 @@
 """Throughput benchmarks: one tool, one code path per stage, numbers as ratios.
 
-    python -m tools.bench loader   --data DATA [--backend dali-cpu|dali-gpu] [--batch B] [--threads T]
+    python -m tools.bench loader   --data DATA [--backend dali-gpu|dali-cpu] [--batch B] [--threads T]
     python -m tools.bench baseline --data DATA [--batch B] [--threads T]
     python -m tools.bench train    --model resnet50 [--data DATA] [--synthetic] [--amp bf16|fp16|off] ...
     python -m tools.bench tune     --data DATA [--recipe resnet50] [--model M] [--batches 256 512] [--seconds 8]
@@ -269,13 +269,16 @@ def bench_loader(a) -> dict:
     from dali_pipes.config import DataConfig
     from dali_pipes.loader import build_loader
 
-    cfg = DataConfig(path=a.data, backend=a.backend, batch_size=a.batch, num_threads=a.threads, crop=a.crop,
+    from dali_pipes.config import resolve_backend
+
+    backend = resolve_backend(a.backend)
+    cfg = DataConfig(path=a.data, backend=backend, batch_size=a.batch, num_threads=a.threads, crop=a.crop,
                      hw_decoder_load=a.hw_decoder_load, prefetch=a.prefetch)
     loader, _ = build_loader(cfg, 0, 1, "train")
     batches = _endless(loader)
-    rate, times = timed_loop(lambda: next(batches)[0].shape[0], warmup=a.warmup, seconds=a.seconds, sync=_sync_for(a.backend))
+    rate, times = timed_loop(lambda: next(batches)[0].shape[0], warmup=a.warmup, seconds=a.seconds, sync=_sync_for(backend))
     pct = percentiles_ms(times)
-    return {"mode": "loader", "backend": a.backend, "images_per_s": rate, "batch_ms_p50": pct["p50"],
+    return {"mode": "loader", "backend": backend, "images_per_s": rate, "batch_ms_p50": pct["p50"],
             "batch_ms_p99": pct["p99"], "crop": a.crop, "env": environment(a.batch, a.threads)}
 
 
@@ -298,36 +301,23 @@ def _train_rate(a, backend: str, data: Optional[str], num_classes: int) -> dict:
     cfg.validate()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir, Dist(device=dev))
-        trainer.val_loader = None
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        batches, wait = _endless(trainer.train_loader), [0.0]
-
-        def step():
-            t0 = time.perf_counter()
-            images, labels = next(batches)
-            wait[0] += time.perf_counter() - t0
-            trainer.train_step(*trainer.prepare(images, labels))
-            return images.shape[0]
-
-        for _ in range(a.warmup):
-            step()
+        trainer.run_steps(a.warmup, housekeeping=False)
         sync()
-        wait[0] = 0.0
         t0 = time.perf_counter()
-        rate, times = timed_loop(step, warmup=0, seconds=0, max_steps=a.steps, sync=lambda: None)
+        done = trainer.run_steps(a.steps, housekeeping=False)
         sync()
         elapsed = time.perf_counter() - t0
-        images = a.steps * a.batch
         trainer.close()
-    return {"images_per_s": images / elapsed, "data_wait_share": wait[0] / elapsed}
+    return {"images_per_s": done.steps * a.batch / elapsed, "data_wait_share": done.data_wait_s / elapsed}
 
 
 def bench_train(a) -> dict:
     if not a.data and not a.synthetic:
         raise SystemExit("bench train: give --data DATA, --synthetic, or both")
-    import torch
+    from dali_pipes.config import resolve_backend
 
-    backend = a.backend or ("dali-gpu" if torch.cuda.is_available() else "dali-cpu")
+    backend = resolve_backend(a.backend)
     res = {"mode": "train", "model": a.model, "amp": a.amp, "channels_last": a.channels_last,
            "compile": a.compile, "crop": a.crop}
     num_classes = a.classes
@@ -505,6 +495,9 @@ def bench_tune(a) -> dict:
 
 # ---- predict -------------------------------------------------------------------------------------------
 def bench_predict(a) -> dict:
+    """End to end: one ``train.predict.predict`` call (loader start-up included), against forward-only: the
+    same models and TTA (``train.predict.Scorer``) on the first ``--forward-batches`` batches of the same
+    loader, kept in memory. With ``--bson`` the unlabelled repack is timed on its own first."""
     import torch
 
     from dali_pipes.config import resolve_backend
@@ -568,9 +561,6 @@ def bench_predict(a) -> dict:
 
 # ---- command line ------------------------------------------------------------------------------------
 def _common(p, data_required=True):
-    """End to end: one ``train.predict.predict`` call (loader start-up included), against forward-only: the
-    same models and TTA (``train.predict.Scorer``) on the first ``--forward-batches`` batches of the same
-    loader, kept in memory. With ``--bson`` the unlabelled repack is timed on its own first."""
     p.add_argument("--data", required=data_required, help="a repacked DATA directory")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -587,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=2048, help="JPEGs taken from the train split")
     p = sub.add_parser("loader", help="images/s of the DALI loader alone (train pipeline)")
     _common(p)
-    p.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default="dali-cpu")
+    p.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None,
+                   help="default: dali-gpu with CUDA, else dali-cpu (README: backend policy)")
     p.add_argument("--hw-decoder-load", type=float, default=0.65)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--warmup", type=int, default=5, help="batches before timing")
@@ -620,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data_required=False)
     p.add_argument("--bson", help="a test BSON instead of --data: its unlabelled repack is timed on its own")
     p.add_argument("--checkpoint", action="append", required=True)
+    p.add_argument("--forward-batches", type=int, default=20, help="batches kept in memory for forward-only")
+    p.add_argument("--tmp", default=None, help="where the --bson repack and the submission go (deleted)")
     p.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None)
     p.add_argument("--tta", choices=["none", "flip"], default="none")
     p = sub.add_parser("repack", help="repack throughput next to a bare BSON scan")
@@ -644,8 +637,6 @@ def main(argv=None) -> int:
     from dali_pipes.writer.repack import RepackError
 
     a = build_parser().parse_args(argv)
-    p.add_argument("--forward-batches", type=int, default=20, help="batches kept in memory for forward-only")
-    p.add_argument("--tmp", default=None, help="where the --bson repack and the submission go (deleted)")
     print(f"bench {a.mode}:")
     try:
         result = MODES[a.mode](a)

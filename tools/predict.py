@@ -53,10 +53,9 @@ def main(argv=None) -> int:
     from dali_pipes.config import resolve_backend
     from train.predict import PredictError, cleanup, load_ensemble, predict, repack_for_predict
 
-    backend = a.backend or ("dali-gpu" if torch.cuda.is_available() else "dali-cpu")
+    backend = resolve_backend(a.backend)
     tmp = None
     try:
-        resolve_backend(backend)
         members = load_ensemble(a.checkpoint, torch.device("cuda" if backend == "dali-gpu" else "cpu"))
         data = a.data
         if a.bson:
@@ -71,11 +70,11 @@ def main(argv=None) -> int:
         cleanup(tmp)
     print(f"wrote {s['submission']}: {s['products']:,} products ({s['predicted']:,} predicted from images, "
           f"{s['fallback']:,} without a readable image -> fallback, listed in {s['report']}) "
+          f"in {s['seconds']:.1f}s")
     if a.dedup:
         print(f"  {s['duplicates']:,} products are duplicates of train products and get their category "
               f"(listed in {s['report']})")
     print(f"  data wait {100 * s['data_wait_share']:.0f}% of the prediction loop")
-          f"in {s['seconds']:.1f}s")
     if s["no_id"]:
         print(f"  {s['no_id']} documents had no _id and get no row; see {s['report']}")
     if "accuracy" in s:

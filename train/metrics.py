@@ -20,14 +20,21 @@ CURVES = "curves.png"
 
 
 class RunLog:
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, resume_step: Optional[int] = None):
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, resume_step: Optional[int] = None,
+                 rescale: Optional[float] = None, tb_dir: str = "tb"):
+        """``resume_step``: the checkpoint's step, in its own units; ``rescale``: this run's steps per epoch
+        over the checkpoint's, where they differ (the kept records' steps are converted)."""
         self.enabled = enabled
         self.path = os.path.join(run_dir, METRICS)
         self.tb = None
         if not enabled:
             return
         if resume_step is not None:
-            truncate_after(self.path, resume_step)
+            truncate_after(self.path, resume_step, rescale)
+            if rescale is not None:
+                resume_step = None  # a new TensorBoard directory (tb_dir): nothing in it to purge
+            else:
+                resume_step += 1  # the records up to the checkpoint's step stay
         elif os.path.exists(self.path):
             os.remove(self.path)  # a fresh run in an existing folder (no last.pt): start the log over
         self.file = open(self.path, "a")
@@ -37,7 +44,7 @@ class RunLog:
             except ImportError:  # tensorboard is optional (pip install tensorboard)
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step)
+                self.tb = SummaryWriter(os.path.join(run_dir, tb_dir), purge_step=resume_step)
 
     def print(self, msg: str) -> None:
         if self.enabled:
@@ -77,11 +84,16 @@ def read_records(path: str) -> List[dict]:
     return out
 
 
-def truncate_after(path: str, step: int) -> None:
-    """Drop the records past the checkpoint a run resumes from: the resumed run logs those steps again."""
+def truncate_after(path: str, step: int, rescale: Optional[float] = None) -> None:
+    """Drop the records past the checkpoint a run resumes from (``step``, in the records' units): the resumed
+    run logs those steps again. ``rescale``: multiply the kept records' steps by it (the resumed run counts
+    steps of another size: another process count or batch size), so the whole file has one unit."""
     if not os.path.exists(path):
         return
     keep = [r for r in read_records(path) if r.get("step", 0) <= step]
+    if rescale is not None:
+        for r in keep:
+            r["step"] = round(r["step"] * rescale)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 

@@ -5,7 +5,8 @@ talking gloo), or directly as one process. Re-running the same command with an e
 resumes exactly where that checkpoint stopped, mid-epoch included.
 
 Exit status: 0 done (or already done), 1 the loss went non-finite, 2 a config/data/checkpoint problem
-(the message says which), 3 stopped early by the ``early_stop`` rule.
+(the message says which), 3 stopped early by the ``early_stop`` rule, 4 lost contact with the other
+processes of a distributed run (a node died, hung past ``train.dist_timeout_s`` or became unreachable).
 """
 from __future__ import annotations
 
@@ -14,31 +15,49 @@ import os
 import random
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dali_pipes.dataset import DatasetError
+from dali_pipes.config import resolve_backend
+from dali_pipes.dataset import DatasetError, class_levels
 from dali_pipes.loader import build_loader
 from dali_pipes.fileio import atomic_write_text
-from models import create_model, param_groups
+from models import AUX_HEADS, create_model, param_groups
 
 from . import checkpoint
 from .config import Config, ConfigError, dump_yaml, from_dict, resolve_run, to_dict
-from .distributed import Dist, all_gather_object, all_reduce, barrier, cleanup, setup
+from .distributed import Dist, all_gather_object, all_reduce, barrier, cleanup, lost_contact, setup
 from .evaluate import evaluate
 from .metrics import RunLog, memory_text, plot_curves, progress_line, summary
 from .schedule import StepSchedule
 
-EXIT_NONFINITE, EXIT_USAGE, EXIT_EARLY_STOP = 1, 2, 3
+EXIT_NONFINITE, EXIT_USAGE, EXIT_EARLY_STOP, EXIT_LOST_CONTACT = 1, 2, 3, 4
 LAST, BEST = "last.pt", "best.pt"
 _NO_STEP = 2**62  # "no bad step yet" in the device-side min-reduction
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class StepsDone(NamedTuple):
+    """What ``Trainer.run_steps`` did: steps run, their wall time and the part spent waiting for batches."""
+    steps: int
+    seconds: float
+    data_wait_s: float
+
+
+def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads`` (``torch.nn.utils.get_total_norm`` where torch has it: 2.6 and later)."""
+    fn = getattr(torch.nn.utils, "get_total_norm", None)
+    if fn is not None:
+        return fn(grads)
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def _config_changes(old: dict, new: dict, prefix: str = "") -> list:
@@ -53,10 +72,71 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list:
 
 
 class Trainer:
+    """One training run in one process (of ``d.world_size``).
+
+    Public API (``fit`` and ``tools/bench.py`` use nothing else):
+
+    * ``Trainer(cfg, run_dir, d)`` builds, in this order: the run directory (``_prepare_run_dir``), the
+      checkpoint to resume from (``_read_checkpoint``), the data (``_build_data``), the model
+      (``_build_model``), the optimizer and schedule (``_build_optimizer``), the resumed state
+      (``_resume``), the DDP/compile wrapping (``_wrap_model``) and every rank's RNG streams.
+    * ``run_steps(n, housekeeping=True) -> StepsDone``: up to ``n`` more training steps (never past
+      ``total``), across epoch ends. With ``housekeeping`` the run's own schedule of progress lines,
+      validations, checkpoints and the early-stop rule applies (``fit``); without, only the steps run (no
+      log line, validation or checkpoint: ``tools.bench``). Returns the steps run, their wall time and the
+      time spent waiting for batches. Device work may still be queued when it returns.
+    * ``fit() -> exit status``: ``run_steps`` to the end, then the curves and the final line.
+    * ``close()``. Read-only facts: ``step``, ``total``, ``spe`` (steps per epoch), ``num_classes``,
+      ``category_ids``, ``stop_message`` (set when the early-stop rule ended the run).
+
+    The loss of a batch is ``compute_loss(outputs, labels)``: the one place to add loss terms.
+    The model gets the loader's images as they come (``prepare`` only moves them and sets the layout).
+    """
+
     def __init__(self, cfg: Config, run_dir: str, d: Dist):
         self.cfg, self.run_dir, self.d = cfg, run_dir, d
         self.dev = d.device
-        tc = cfg.train
+        self.stop_message: Optional[str] = None
+        self._check_combination()
+        self._set_determinism()
+        cfg.data.backend = resolve_backend(cfg.data.backend, note=self.note)
+        self._prepare_run_dir()
+        self.ckpt, self.ckpt_path, fresh_epoch = self._read_checkpoint()
+        self._build_data(fresh_epoch)
+        self._build_model()
+        self._build_optimizer()
+        self._resume(fresh_epoch)
+        self._wrap_model()
+        if d.is_main:  # written once the run could start: a failed start leaves no RUN/config.yaml
+            atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
+        # Every rank's own RNG streams: restored last, after everything above drew from them.
+        tc, ck = cfg.train, self.ckpt
+        random.seed(tc.seed + d.rank)
+        np.random.seed(tc.seed + d.rank)
+        torch.manual_seed(tc.seed + d.rank)
+        if ck and ck["world_size"] == d.world_size:
+            checkpoint.set_rng_state(ck["rng"][d.rank], self.dev)
+        self.log = RunLog(run_dir, d.is_main, tc.tensorboard, resume_step=self._log_resume_step,
+                          rescale=self._log_rescale, tb_dir=self.tb_dir)
+        self._batches = None  # the current epoch's batch iterator (kept between run_steps calls)
+        self._lr = None
+        self._reset_interval()
+
+    # ---- construction, in order ---------------------------------------------------------------------
+    def note(self, msg: str) -> None:
+        if self.d.is_main:
+            print(f"note: {msg}", flush=True)
+
+    def _check_combination(self) -> None:
+        mc = self.cfg.model
+        if mc.sync_bn and mc.compile and self.d.enabled:
+            raise ConfigError("model.sync_bn=true with model.compile=true on several processes is refused: "
+                              "torch.compile breaks its graph at every SyncBatchNorm under DDP (open upstream "
+                              "problems), so the pair runs slower than either alone or fails. Set "
+                              "model.compile=false or model.sync_bn=false")
+
+    def _set_determinism(self) -> None:
+        tc = self.cfg.train
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
         torch.use_deterministic_algorithms(tc.deterministic, warn_only=True)
@@ -65,35 +145,38 @@ class Trainer:
         if self.dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = not tc.deterministic
             torch.backends.cudnn.allow_tf32 = not tc.deterministic
-        if cfg.data.backend == "dali-gpu" and self.dev.type != "cuda":
-            cfg.data.backend = "dali-cpu"  # same command everywhere: decode on the CPU without a GPU
-            self.note("no GPU here: data.backend dali-gpu -> dali-cpu")
-        if d.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            stale = checkpoint.remove_stale_temps(run_dir)
+
+    def _prepare_run_dir(self) -> None:
+        if self.d.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            stale = checkpoint.remove_stale_temps(self.run_dir)
             if stale:
                 self.note(f"removed {len(stale)} unfinished checkpoint write(s): {', '.join(stale)}")
-        barrier(d)
+        barrier(self.d)
 
-        # The checkpoint to resume from, if this RUN has one (every rank reads it: RUN is shared storage).
-        path = os.path.join(run_dir, LAST)
-        seen = all_gather_object(os.path.exists(path), d)
+    def _read_checkpoint(self):
+        """(checkpoint or None, its path, whether the loader must start the next epoch afresh). Every rank
+        reads it: RUN is shared storage."""
+        path = os.path.join(self.run_dir, LAST)
+        seen = all_gather_object(os.path.exists(path), self.d)
         if len(set(seen)) > 1:
             raise checkpoint.CheckpointError(f"{path} exists on some nodes only ({seen}); RUN must be on storage "
                                              "that every node sees")
-        self.ckpt = checkpoint.load(path) if seen[0] else None
-        ck = self.ckpt
-        fresh_epoch = self._check_resumable(ck, path) if ck else False
+        ck = checkpoint.load(path) if seen[0] else None
+        return ck, path, (self._check_resumable(ck, path) if ck else False)
 
-        # Data: each rank resumes its own reader position.
+    def _build_data(self, fresh_epoch: bool) -> None:
+        """Loaders; each rank resumes its own reader position."""
+        cfg, d, ck = self.cfg, self.d, self.ckpt
         state = ck["loader_states"][d.rank] if ck and not fresh_epoch else None
         class_map = ck["category_ids"] if ck else None
         self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
                                                    state=state, class_map=class_map)
         self.category_ids = list(self.train_loader.category_ids)
         self.num_classes = self.train_loader.num_classes
+        self.level_maps = self._level_maps()
         if ck:
-            checkpoint.check_classes(ck, path, self.category_ids)
+            checkpoint.check_classes(ck, self.ckpt_path, self.category_ids)
         try:
             self.val_loader, _ = build_loader(cfg.data, d.rank, d.world_size, "val", device=self.dev,
                                               class_map=self.category_ids)
@@ -101,14 +184,16 @@ class Trainer:
             self.val_loader = None
             self.note(f"no validation: {e}")
 
-        # Model: the same initial weights on every rank (DDP broadcasts rank 0's anyway).
+    def _build_model(self) -> None:
+        """The same initial weights on every rank (DDP broadcasts rank 0's anyway)."""
+        cfg, d, ck, tc, mc = self.cfg, self.d, self.ckpt, self.cfg.train, self.cfg.model
         torch.manual_seed(tc.seed)
-        mc = cfg.model
         # ImageNet weights only for a new run: resuming or init_from overwrite every tensor anyway
         pretrained = None if ck or tc.init_from else mc.pretrained
-        raw = create_model(mc.name, self.num_classes, head=mc.head, pretrained=pretrained)
+        aux = {name: n for name, (n, _) in self.level_maps.items()} or None
+        raw = create_model(mc.name, self.num_classes, head=mc.head, pretrained=pretrained, aux_classes=aux)
         if ck:
-            checkpoint.check_model(ck, path, mc.name, mc.head, raw)
+            checkpoint.check_model(ck, self.ckpt_path, mc.name, mc.head, raw)
             raw.load_state_dict(ck["model"])
         elif tc.init_from:
             self._init_from(raw, tc.init_from)
@@ -122,8 +207,9 @@ class Trainer:
             raw.to(memory_format=torch.channels_last)
         self.raw = raw
 
-        oc = cfg.optim
-        groups = param_groups(raw)
+    def _build_optimizer(self) -> None:
+        oc, tc = self.cfg.optim, self.cfg.train
+        groups = param_groups(self.raw)
         opt_groups = [{"params": groups[name], "lr_mult": mult, "name": name}
                       for name, mult in (("pretrained", oc.pretrained_lr_mult), ("new", oc.new_lr_mult))
                       if groups[name]]
@@ -137,36 +223,41 @@ class Trainer:
         self.total = self.schedule.total_steps(tc.epochs)
         if tc.max_steps:
             self.total = min(self.total, tc.max_steps)
-        self.step = 0
-        self.best = {"metric": -1.0, "step": -1}
-        if ck:
-            self.opt.load_state_dict(ck["optimizer"])
-            self.scaler.load_state_dict(ck["scaler"])
-            self.step, self.best = int(ck["step"]), dict(ck["best"])
-            if fresh_epoch:  # the same epoch count in this run's steps
-                self.step = self.step // ck["steps_per_epoch"] * self.spe
-
-        model = (DDP(raw, device_ids=[self.dev.index] if self.dev.type == "cuda" else None, gradient_as_bucket_view=True)
-                 if d.enabled else raw)
-        self.model = torch.compile(model) if mc.compile else model
-        self._compile_pending = bool(mc.compile)  # compiled lazily, on the first step
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing)
 
-        # Every rank's own RNG streams: restored last, after everything above drew from them.
-        random.seed(tc.seed + d.rank)
-        np.random.seed(tc.seed + d.rank)
-        torch.manual_seed(tc.seed + d.rank)
-        if ck and ck["world_size"] == d.world_size:
-            checkpoint.set_rng_state(ck["rng"][d.rank], self.dev)
-        if d.is_main:  # written once the run could start: a failed start leaves no RUN/config.yaml
-            atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
-        self.log = RunLog(run_dir, d.is_main, tc.tensorboard, resume_step=self.step if ck else None)
-        self._reset_interval()
+    def _resume(self, fresh_epoch: bool) -> None:
+        """Optimizer, scaler, step and best from the checkpoint. Steps count this run's batches: when the
+        steps per epoch change (another process count or batch size, at an epoch end), the checkpoint's
+        step, its best step and the earlier metrics.jsonl records are converted to this run's units."""
+        ck = self.ckpt
+        self.step = 0
+        self.best = {"metric": -1.0, "step": -1}
+        self._log_resume_step, self._log_rescale, self.tb_dir = None, None, "tb"
+        if not ck:
+            return
+        self.opt.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.step, self.best = int(ck["step"]), dict(ck["best"])
+        self.tb_dir = ck.get("tb_dir", "tb")
+        self._log_resume_step = self.step  # in the checkpoint's units
+        old_spe = ck["steps_per_epoch"]
+        if fresh_epoch and old_spe != self.spe:
+            scale = self.spe / old_spe
+            self._log_rescale = scale
+            self.step = self.step // old_spe * self.spe  # the same epoch count in this run's steps
+            if self.best["step"] >= 0:
+                self.best["step"] = round(self.best["step"] * scale)
+            # TensorBoard cannot rewrite its event files: the new units get their own directory
+            self.tb_dir = f"tb_from_epoch{self.step // self.spe}_{self.spe}spe"
+            self.note(f"{old_spe} -> {self.spe} steps per epoch: step {ck['step']} is step {self.step} now; "
+                      f"metrics.jsonl is rewritten in the new units, TensorBoard goes on in RUN/{self.tb_dir}")
 
-    # ---- setup helpers ------------------------------------------------------------------------------
-    def note(self, msg: str) -> None:
-        if self.d.is_main:
-            print(f"note: {msg}", flush=True)
+    def _wrap_model(self) -> None:
+        d = self.d
+        model = (DDP(self.raw, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
+                     gradient_as_bucket_view=True) if d.enabled else self.raw)
+        self.model = torch.compile(model) if self.cfg.model.compile else model
+        self._compile_pending = bool(self.cfg.model.compile)  # compiled lazily, on the first step
 
     def _check_resumable(self, ck: dict, path: str) -> bool:
         """Refuse what cannot resume; True where the loader must start the next epoch afresh."""
@@ -193,11 +284,30 @@ class Trainer:
         self.note(f"{'; '.join(changed)}: the next epoch starts with fresh readers")
         return True
 
+    def _level_maps(self) -> Dict[str, tuple]:
+        """``{"level1": (level classes, class -> level class on the device), ...}`` for model.aux_levels."""
+        levels = self.cfg.model.aux_levels
+        if levels and self.cfg.data.backend == "synthetic":
+            raise ConfigError("model.aux_levels needs a data directory with classes.csv (not data.backend=synthetic)")
+        out = {}
+        for level in levels:
+            names, index = class_levels(self.cfg.data.path, level)
+            out[f"level{level}"] = (len(names), torch.tensor(index, dtype=torch.long, device=self.dev))
+        return out
+
     def _init_from(self, raw: torch.nn.Module, path: str) -> None:
+        """The checkpoint's weights; hierarchy heads only where this model has the same ones (a head the
+        checkpoint lacks starts fresh, one this model lacks is left out)."""
         src = checkpoint.load(path)
         checkpoint.check_classes(src, path, self.category_ids)
-        checkpoint.check_model(src, path, self.cfg.model.name, self.cfg.model.head, raw)
-        raw.load_state_dict(src["model"])
+        checkpoint.check_model(src, path, self.cfg.model.name, self.cfg.model.head, raw, ignore_aux=True)
+        ours = raw.state_dict()
+        weights = {k: v for k, v in src["model"].items()
+                   if not k.startswith(AUX_HEADS + ".") or (k in ours and ours[k].shape == v.shape)}
+        fresh = sorted({k.split(".")[1] for k in ours if k.startswith(AUX_HEADS + ".") and k not in weights})
+        raw.load_state_dict(weights, strict=False)
+        if fresh:
+            self.note(f"init_from {path}: no trained hierarchy head for {', '.join(fresh)}: it starts fresh")
         self.note(f"init_from {path}: model weights of step {src['step']} (its best product acc "
                   f"{src['best']['metric']:.4f})")
 
@@ -218,6 +328,19 @@ class Trainer:
         self.dev_step = torch.full((), self.step, dtype=torch.long, device=self.dev)
         self.int_steps, self.int_wait, self.int_start = 0, 0.0, time.perf_counter()
 
+    def compute_loss(self, outputs, labels: torch.Tensor):
+        """``(loss, logits)`` of one batch: the training objective, and the class logits that the
+        accuracy counts. Extra loss terms (more heads) go here: each hierarchy head's cross-entropy against
+        the level class of the label, weighted by optim.aux_weight."""
+        if not self.level_maps:
+            return self.criterion(outputs, labels), outputs
+        logits, aux = outputs
+        loss = self.criterion(logits, labels)
+        w = self.cfg.optim.aux_weight
+        for head_logits, (_, index) in zip(aux, self.level_maps.values()):
+            loss = loss + w * self.criterion(head_logits, index[labels])
+        return loss, logits
+
     def _first_compiled_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """torch.compile traces and compiles the model (forward, input normalization included, and backward)
         on its first call: say so, and how long that step took."""
@@ -233,15 +356,14 @@ class Trainer:
         if self._compile_pending:
             return self._first_compiled_step(images, labels)
         with self.autocast():
-            logits = self.model(images)
-            loss = self.criterion(logits, labels)
+            outputs = self.model(images, aux=True) if self.level_maps else self.model(images)
+            loss, logits = self.compute_loss(outputs, labels)
         self.scaler.scale(loss).backward()
         clip = self.cfg.optim.grad_clip
         if clip or self.fp16:
             self.scaler.unscale_(self.opt)
             grads = [p.grad for p in self.params if p.grad is not None]
-            norm = (torch.nn.utils.clip_grad_norm_(self.params, clip) if clip
-                    else torch.nn.utils.get_total_norm(grads))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip) if clip else total_norm(grads)
             if self.fp16:  # the scaler skips this step: count it (no host sync)
                 self.acc_skipped += ~torch.isfinite(norm)
         self.scaler.step(self.opt)
@@ -292,7 +414,8 @@ class Trainer:
         if self.val_loader is None:
             return None
         t = time.perf_counter()
-        m = evaluate(self.raw, self.val_loader, self.d, self.num_classes, self.autocast, self.prepare)
+        m = evaluate(self.raw, self.val_loader, self.d, self.num_classes, self.autocast, self.prepare,
+                     self.level_maps)
         m["epoch"] = round(self.step / self.spe, 4)
         m["seconds"] = round(time.perf_counter() - t, 2)
         self.log.record("val", self.step, **m)
@@ -311,6 +434,7 @@ class Trainer:
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                 "config": to_dict(self.cfg), "best": dict(self.best),
                 "loader_states": [p["loader"] for p in parts], "rng": [p["rng"] for p in parts],
+                "tb_dir": self.tb_dir,
             }
             last = os.path.join(self.run_dir, LAST)
             checkpoint.save(ckpt, last)
@@ -326,7 +450,58 @@ class Trainer:
                 f"(rule early_stop.after_epoch={es.after_epoch:g}, min_val_acc={es.min_val_acc}); this run is not "
                 "going anywhere. To go on anyway, run again with early_stop.after_epoch=null")
 
+    def _housekeeping(self) -> None:
+        """After a step: the progress line, validation, checkpoints and the early-stop rule, as configured."""
+        tc = self.cfg.train
+        epoch_end, done = self.step % self.spe == 0, self.step >= self.total
+        do_val = epoch_end or done or (tc.val_every_steps and self.step % tc.val_every_steps == 0)
+        do_save = do_val or (tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0)
+        if do_save or self.step % tc.log_every == 0:
+            self.flush()
+        if do_val:
+            m = self.validate()
+            new_best = m is not None and m["product_acc"] > self.best["metric"]
+            if new_best:
+                self.best = {"metric": m["product_acc"], "step": self.step}
+            self.stop_message = self._early_stop(m) if m else None
+            status = "early_stopped" if self.stop_message else "finished" if done else "running"
+            self.save(status, new_best or (m is None and done))
+        elif do_save:
+            self.save("running")
+        if do_save:
+            self._reset_interval()
+
     # ---- the loop -----------------------------------------------------------------------------------
+    def run_steps(self, n: int, housekeeping: bool = True) -> StepsDone:
+        """Up to ``n`` more steps (never past ``total``; fewer when the early-stop rule ends the run)."""
+        done, wait, t_start = 0, 0.0, time.perf_counter()
+        while done < n and self.step < self.total and self.stop_message is None:
+            if self._batches is None:
+                self._batches = iter(self.train_loader)
+            t0 = time.perf_counter()
+            try:
+                images, labels = next(self._batches)
+            except StopIteration:
+                raise RuntimeError(f"the train loader ended after step {self.step}, before the end of its epoch "
+                                   f"({self.spe} steps); a loader bug") from None
+            dt = time.perf_counter() - t0
+            wait += dt
+            self.int_wait += dt
+            lr = self.schedule.lr_at(self.step)
+            if lr != self._lr:
+                self._lr = lr
+                for g in self.opt.param_groups:
+                    g["lr"] = lr * g["lr_mult"]
+            self.train_step(*self.prepare(images, labels))
+            self.step += 1
+            self.int_steps += 1
+            done += 1
+            if self.step % self.spe == 0:
+                self._batches = None  # the loader has moved to the next epoch
+            if housekeeping:
+                self._housekeeping()
+        return StepsDone(done, time.perf_counter() - t_start, wait)
+
     def fit(self) -> int:
         cfg, d = self.cfg, self.d
         ck = self.ckpt
@@ -341,56 +516,15 @@ class Trainer:
         what = f"resuming at step {self.step}" if ck else "new run"
         self.log.print(
             f"{what}: {cfg.model.name} ({self.num_classes} classes) in {self.run_dir}; {d.world_size} process(es) on "
-            f"{self.dev.type} ({cfg.data.backend}), batch {cfg.data.batch_size}x{d.world_size}, {self.spe} steps/epoch, "
-            f"{self.total} steps ({self.total / self.spe:g} epochs), amp {cfg.train.amp}")
-        tc = cfg.train
-        lr = None
-        stop_msg = None
-        while self.step < self.total and stop_msg is None:
-            it = iter(self.train_loader)
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    images, labels = next(it)
-                except StopIteration:
-                    break
-                self.int_wait += time.perf_counter() - t0
-                new_lr = self.schedule.lr_at(self.step)
-                if new_lr != lr:
-                    lr = new_lr
-                    for g in self.opt.param_groups:
-                        g["lr"] = lr * g["lr_mult"]
-                self.train_step(*self.prepare(images, labels))
-                self.step += 1
-                self.int_steps += 1
-
-                epoch_end, done = self.step % self.spe == 0, self.step >= self.total
-                do_val = epoch_end or done or (tc.val_every_steps and self.step % tc.val_every_steps == 0)
-                do_save = do_val or (tc.ckpt_every_steps and self.step % tc.ckpt_every_steps == 0)
-                if do_save or self.step % tc.log_every == 0:
-                    self.flush()
-                if do_val:
-                    m = self.validate()
-                    new_best = m is not None and m["product_acc"] > self.best["metric"]
-                    if new_best:
-                        self.best = {"metric": m["product_acc"], "step": self.step}
-                    stop_msg = self._early_stop(m) if m else None
-                    status = "early_stopped" if stop_msg else "finished" if done else "running"
-                    self.save(status, new_best or (m is None and done))
-                elif do_save:
-                    self.save("running")
-                if do_save:
-                    self._reset_interval()
-                if epoch_end or done or stop_msg:
-                    break
-            if self.step % self.spe and self.step < self.total and stop_msg is None:
-                raise RuntimeError(f"the train loader ended after step {self.step}, before the end of its epoch "
-                                   f"({self.spe} steps); a loader bug")
+            f"{self.dev.type} ({cfg.data.backend}), batch {cfg.data.batch_size}x{d.world_size} (global "
+            f"{cfg.data.batch_size * d.world_size}), {self.spe} steps/epoch, {self.total} steps "
+            f"({self.total / self.spe:g} epochs), amp {cfg.train.amp}")
+        self.run_steps(self.total - self.step)
         if d.is_main:
             plot_curves(self.run_dir)
-        if stop_msg:
-            self.log.record("event", self.step, event="early_stop", message=stop_msg)
-            self.log.print(stop_msg)
+        if self.stop_message:
+            self.log.record("event", self.step, event="early_stop", message=self.stop_message)
+            self.log.print(self.stop_message)
             return EXIT_EARLY_STOP
         best = self.best
         self.log.print(f"done: {self.step} steps; best val product acc {best['metric']:.4f} at step {best['step']}; "
@@ -419,7 +553,7 @@ def main(argv=None) -> int:
         cfg, run_dir = resolve_run(args.config, args.data, args.overrides, args.out)
         if cfg.train.deterministic:  # cuBLAS reads this when CUDA starts
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        d = setup()
+        d = setup(cfg.train.dist_timeout_s)
         if not d.is_main:  # non-zero ranks stay quiet, library prints included; errors still go to stderr
             sys.stdout = open(os.devnull, "w")
         trainer = Trainer(cfg, run_dir, d)
@@ -434,6 +568,12 @@ def main(argv=None) -> int:
         if d.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    except RuntimeError as e:  # a collective that failed: another node died, hung or went away
+        msg = lost_contact(e, d) if d is not None else None
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr, flush=True)  # every rank: each says what it saw
+        return EXIT_LOST_CONTACT
     finally:
         if trainer is not None:
             trainer.close()
