@@ -1,14 +1,15 @@
 """Validation: loss, image-level accuracy and product-level accuracy (the Kaggle metric).
 
-A product's prediction is the argmax of the mean of its images' probabilities. Each rank sums the
-probabilities per product for the images it saw (one row per product, on the device); a product whose
-images fell on several ranks is finished by the lowest of them after a small exchange of just those rows.
-Memory: one row of ``num_classes`` floats per product of the rank's share of the val split.
+A product's prediction is the argmax of the mean of its images' probabilities. The evaluation loaders
+yield each product's images one after another, so every batch is reduced on the device as it comes: the
+products it completes are scored at once (``_ProductSums``). A product whose images fell on two ranks (at
+most the first and last product of each rank's range) is finished after the loop, from a small exchange of
+just those rows. Memory: one batch of sums and two rows of ``num_classes`` per rank, whatever the split.
 """
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,22 +18,76 @@ from .distributed import Dist, all_gather_object, all_reduce
 
 
 class _ProductSums:
-    """Per-product sums of probabilities, one row per product id seen, grown by doubling."""
+    """Product-level correctness from a stream of images in which each product's images are consecutive (the
+    evaluation loaders' file order; a rank reads one contiguous range of the split).
+
+    Each batch is reduced on the device: its images' probabilities are summed per run of equal product ids,
+    and every product that is complete (the stream has moved past it) is scored at once. Only two rows are
+    kept: the product still open, and the rank's first product, whose images may have begun on the
+    previous rank; ``finish`` exchanges those few rows between the ranks and scores them. Memory: one batch
+    of sums and two rows of ``num_classes``, whatever the size of the split."""
 
     def __init__(self, num_classes: int, device: torch.device):
-        self.rows: Dict[int, int] = {}
-        self.sums = torch.zeros(256, num_classes, device=device)
-        self.labels = torch.zeros(256, dtype=torch.long, device=device)
+        self.num_classes, self.device = num_classes, device
+        self.counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct products, products
+        self.open: Optional[Tuple[int, torch.Tensor, torch.Tensor]] = None  # (id, row of sums, label)
+        self.first: Optional[Tuple[int, torch.Tensor, torch.Tensor]] = None
+        self.started = False
 
     def add(self, product_ids: List[int], probs: torch.Tensor, labels: torch.Tensor) -> None:
-        idx = [self.rows.setdefault(p, len(self.rows)) for p in product_ids]
-        if len(self.rows) > self.sums.shape[0]:
-            n = max(len(self.rows), 2 * self.sums.shape[0])
-            self.sums = torch.cat([self.sums, self.sums.new_zeros(n - self.sums.shape[0], self.sums.shape[1])])
-            self.labels = torch.cat([self.labels, self.labels.new_zeros(n - self.labels.shape[0])])
-        index = torch.tensor(idx, device=self.sums.device)
-        self.sums.index_add_(0, index, probs)
-        self.labels[index] = labels
+        if not product_ids:
+            return
+        starts = [0] + [i for i in range(1, len(product_ids)) if product_ids[i] != product_ids[i - 1]]
+        group = torch.tensor(_group_index(starts, len(product_ids)), device=probs.device)
+        sums = torch.zeros(len(starts), probs.shape[1], device=probs.device).index_add_(0, group, probs.float())
+        glabels = labels[torch.tensor(starts, device=labels.device)]
+        ids = [product_ids[i] for i in starts]
+        if self.open is not None:
+            pid, row, label = self.open
+            if ids[0] == pid:
+                sums[0] += row
+            else:  # the open product ended with the last batch
+                self._close(pid, row.unsqueeze(0), label.view(1))
+        # every run but the last is complete; the last may go on in the next batch
+        if len(ids) > 1:
+            self._close(ids[0], sums[:-1], glabels[:-1])
+        self.open = (ids[-1], sums[-1], glabels[-1])
+
+    def _close(self, first_id: int, sums: torch.Tensor, labels: torch.Tensor) -> None:
+        if not self.started:  # the rank's first product: scored in finish, with the previous rank's part
+            self.started = True
+            self.first = (first_id, sums[0], labels[0])
+            sums, labels = sums[1:], labels[1:]
+        if sums.shape[0]:
+            self.counts[0] += (sums.argmax(1) == labels).sum()
+            self.counts[1] += sums.shape[0]
+
+    def finish(self, d: Dist) -> torch.Tensor:
+        """(correct products, products) over all ranks."""
+        edge = [e for e in (self.first, self.open) if e is not None]
+        mine = [(pid, row.cpu(), int(label)) for pid, row, label in edge]
+        merged: Dict[int, list] = {}
+        for rows in all_gather_object(mine, d):  # rank order: a product split over ranks is added up once
+            for pid, row, label in rows:
+                if pid in merged:
+                    merged[pid][0] = merged[pid][0] + row
+                else:
+                    merged[pid] = [row, label]
+        counts = self.counts.clone()
+        if d.rank == 0 and merged:  # the same edge products on every rank: counted by rank 0 only
+            rows = torch.stack([r for r, _ in merged.values()])
+            labels = torch.tensor([lab for _, lab in merged.values()])
+            counts[0] += int((rows.argmax(1) == labels).sum())
+            counts[1] += len(merged)
+        return all_reduce(counts, d)
+
+
+def _group_index(starts: List[int], n: int) -> List[int]:
+    """The run number of each of ``n`` images, given the runs' first positions."""
+    out = []
+    for g, (a, b) in enumerate(zip(starts, starts[1:] + [n])):
+        out += [g] * (b - a)
+    return out
 
 
 @torch.no_grad()
@@ -66,8 +121,8 @@ def evaluate(model: torch.nn.Module, loader, d: Dist, num_classes: int, autocast
         totals[2] += labels.numel()
         products.add(meta["product_id"].view(-1).tolist(), logits.softmax(1), labels)
     model.train(was_training)
-    prod = _product_correct(products, d)
-    extra = {f"{name}_acc": _product_correct(sums, d) for name, _, sums in levels}
+    prod = products.finish(d)
+    extra = {f"{name}_acc": sums.finish(d) for name, _, sums in levels}
     all_reduce(totals, d)
     loss, correct, n = totals.tolist()
     pc, pn = prod.tolist()
@@ -76,28 +131,3 @@ def evaluate(model: torch.nn.Module, loader, d: Dist, num_classes: int, autocast
     for key, (c, m) in ((k, v.tolist()) for k, v in extra.items()):
         out[key] = c / max(m, 1)
     return out
-
-
-def _product_correct(products: _ProductSums, d: Dist) -> torch.Tensor:
-    """(correct products, products) over all ranks, from each rank's per-product sums."""
-    dev = d.device
-    # Products split across ranks: the lowest rank holding one gets the others' rows for it.
-    mine = list(products.rows)
-    everyone = all_gather_object(mine, d)
-    owner: Dict[int, int] = {}
-    for r, pids in enumerate(everyone):
-        for p in pids:
-            owner.setdefault(p, r)
-    shared = {p: products.sums[products.rows[p]].cpu() for p in mine if owner[p] != d.rank}
-    for rows in all_gather_object(shared, d):
-        for p, row in rows.items():
-            if owner[p] == d.rank:
-                products.sums[products.rows[p]] += row.to(dev)
-    owned = [products.rows[p] for p in mine if owner[p] == d.rank]
-    prod = torch.zeros(2, dtype=torch.float64, device=dev)  # correct products, products
-    if owned:
-        index = torch.tensor(owned, device=dev)
-        prod[0] = (products.sums[index].argmax(1) == products.labels[index]).sum()
-        prod[1] = len(owned)
-    all_reduce(prod, d)
-    return prod
