@@ -1,41 +1,86 @@
 #!/usr/bin/env bash
-# The GPU checks worth running when a GPU is lent: about five minutes, JSON into OUTDIR.
-#   bash tools/gpu_check.sh OUTDIR [PRODUCTS]
-# 1. a generated set (180x180 JPEGs) repacked; 2. loader alone, dali-gpu; 3. resnet50 @160 bf16 channels_last
-# batch 256: synthetic vs real data in one process; 4. predict; 5. the tests marked gpu.
+# The GPU checks worth running when a GPU is lent: at most 5 minutes on an H100/H200, every step under its own
+# time limit, at most 8 files in OUTDIR (the rest goes into OUTDIR/extra.tar.gz), the key figures on stdout.
+#   bash tools/gpu_check.sh OUTDIR [TRAIN_PRODUCTS] [TEST_PRODUCTS]
+# 1. a generated set (180x180 JPEGs) repacked: train (tune, training) and test (predict, >= 20,000 images);
+# 2. `tools.bench tune`: real-data training steps of resnet50 (5,270 classes) for each input setting, and
+#    synthetic data; 3. a short `train/run.sh resnet34` run (NCCL, the trainer end to end) whose checkpoint
+# 4. predicts the test set (`tools.bench predict`); 5. the tests marked gpu (not the slow model sweep).
+# PY (default python3) runs Python; TUNE_SECONDS (default 8) is the time per tune candidate; TUNE_RECIPE,
+# RUN_RECIPE and RUN_ARGS change the models (a CPU dry run: TUNE_RECIPE=demo RUN_RECIPE=demo RUN_ARGS=...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: tools/gpu_check.sh OUTDIR [PRODUCTS]}
-N=${2:-6000}
+OUT=${1:?usage: tools/gpu_check.sh OUTDIR [TRAIN_PRODUCTS] [TEST_PRODUCTS]}
+N=${2:-4000}
+NT=${3:-12000}  # ~1.76 images per product: 12,000 test products are ~21,000 images
 PY=${PY:-python3}
+TUNE_SECONDS=${TUNE_SECONDS:-8}
+TUNE_RECIPE=${TUNE_RECIPE:-resnet50}
+RUN_RECIPE=${RUN_RECIPE:-resnet34}
+RUN_ARGS=${RUN_ARGS:-train.max_steps=30 data.batch_size=256 model.compile=false}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 W=$(mktemp -d)
+X="$W/extra"  # logs that do not make the 8 files
+mkdir -p "$X"
 log() { echo "== $(date +%T) $*"; }
-log "generate $N products"
-$PY -m tools.make_synthetic --out "$W/raw" --products "$N" --test-products 2000 --categories 200 --seed 0 --workers 8 || exit 1
-$PY -m tools.repack --bson "$W/raw/train.bson" --categories "$W/raw/category_names.csv" --out "$W/data" \
-    --val-fraction 0.05 --workers 8 --quiet || exit 1
-$PY -m tools.repack --bson "$W/raw/test.bson" --unlabelled --out "$W/test" --workers 8 --quiet || exit 1
-$PY -m tools.bench repack --bson "$W/raw/train.bson" --categories "$W/raw/category_names.csv" --workers 1 8 \
-    --json "$OUT/repack.json"
-log "loader alone (dali-gpu)"
-for b in 256 512; do
-    $PY -m tools.bench loader --data "$W/data" --backend dali-gpu --batch $b --threads 8 --seconds 15 \
-        --json "$OUT/loader_gpu_b$b.json"
-done
-$PY -m tools.bench loader --data "$W/data" --backend dali-cpu --batch 256 --threads 14 --seconds 10 \
-    --json "$OUT/loader_cpu.json"
-log "resnet50 train, synthetic vs real"
-$PY -m tools.bench train --model resnet50 --data "$W/data" --synthetic --amp bf16 --batch 256 --channels-last \
-    --threads 8 --steps 60 --warmup 15 --json "$OUT/train_resnet50.json"
-log "predict"
+step() {  # step SECONDS LOGNAME CMD...: run under a time limit, log to $X/LOGNAME, say how it ended
+    local t=$1 name=$2; shift 2
+    local t0=$SECONDS
+    timeout --kill-after=10 "$t" "$@" >"$X/$name.log" 2>&1
+    local rc=$?
+    echo "   $name: exit $rc after $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (time limit)')"
+    [ $rc = 0 ] || tail -n 5 "$X/$name.log" | sed 's/^/   | /'
+    return $rc
+}
+fig() { $PY - "$@" <<'EOF'
+import json, sys
+path, *keys = sys.argv[1:]
+try:
+    d = json.load(open(path))
+except Exception as e:
+    print(f"   {path}: unreadable ({e})"); sys.exit(0)
+def get(d, k):
+    for p in k.split("."):
+        d = d.get(p) if isinstance(d, dict) else None
+    return d
+print("   " + "  ".join(f"{k}={get(d, k)}" for k in keys))
+EOF
+}
 
-timeout 120 train/run.sh resnet34 --data "$W/data" --out "$W/run" train.max_steps=30 data.batch_size=256 \
-    >"$OUT/train_run.log" 2>&1
-[ -f "$W/run/last.pt" ] && $PY -m tools.bench predict --data "$W/test" --checkpoint "$W/run/last.pt" --batch 256 \
-    --threads 8 --json "$OUT/predict.json"
+log "generate $N train and $NT test products; repack"
+step 120 generate $PY -m tools.make_synthetic --out "$W/raw" --products "$N" --test-products "$NT" \
+    --categories "${CATEGORIES:-5270}" --seed 0 --workers 14 || { rm -rf "$W"; exit 1; }
+step 60 repack_train $PY -m tools.repack --bson "$W/raw/train.bson" --categories "$W/raw/category_names.csv" \
+    --out "$W/data" --val-fraction 0.05 --workers 14 --quiet || { rm -rf "$W"; exit 1; }
+step 60 repack_test $PY -m tools.repack --bson "$W/raw/test.bson" --unlabelled --out "$W/test" --workers 14 \
+    --quiet || { rm -rf "$W"; exit 1; }
+
+log "tune: resnet50 @160, 5,270 classes, real data per input setting vs synthetic"
+step 210 tune $PY -m tools.bench tune --recipe "$TUNE_RECIPE" --data "$W/data" --seconds "$TUNE_SECONDS" \
+    --json "$OUT/tune.json"
+sed -n "1,/^override/p" "$X/tune.log"
+
+log "train/run.sh $RUN_RECIPE $RUN_ARGS"
+# shellcheck disable=SC2086
+step 120 train_run train/run.sh "$RUN_RECIPE" --data "$W/data" --out "$W/run" $RUN_ARGS
+grep -E "img/s|compil|error" "$X/train_run.log" | tail -n 3 | sed 's/^/   /'
+
+log "predict $(($(wc -l <"$W/test/products.csv") - 1)) test products (>= 20,000 images)"
+if [ -f "$W/run/last.pt" ]; then
+    step 90 predict $PY -m tools.bench predict --data "$W/test" --checkpoint "$W/run/last.pt" --batch 512 \
+        --threads 8 --tta flip --json "$OUT/predict.json"
+    fig "$OUT/predict.json" images products images_per_s products_per_s forward_only.images_per_s end_to_end_over_forward_only end_to_end.data_wait_share end_to_end.loader_build_seconds
+fi
+
 log "tests marked gpu"
-$PY -m pytest -q -m gpu tests >"$OUT/pytest_gpu.log" 2>&1; echo "pytest gpu exit $?" >>"$OUT/pytest_gpu.log"
+step 150 pytest_gpu $PY -m pytest -q -m "gpu and not gpu_slow" -p no:cacheprovider tests
+cp "$X/pytest_gpu.log" "$OUT/pytest_gpu.log"
+tail -n 3 "$OUT/pytest_gpu.log" | sed 's/^/   /'
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.csv" 2>&1
+cp "$X/tune.log" "$OUT/tune.log" 2>/dev/null
+tail -n 200 "$X/train_run.log" >"$OUT/train_run.log" 2>/dev/null
+tar -C "$W" -czf "$OUT/extra.tar.gz" extra 2>/dev/null
 rm -rf "$W"
-log "done: $OUT"
+log "done: $(ls "$OUT" | wc -l) files in $OUT"
