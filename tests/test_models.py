@@ -436,6 +436,7 @@ def _compile_check(name):
 
 
 @pytest.mark.gpu  # skipped without CUDA by tests/conftest.py; resnet50 and one trunk of another family
+@pytest.mark.gpu_timeout(240)  # inductor compiles forward and backward
 @pytest.mark.parametrize("name", ["resnet50", "inception_v4"])
 def test_compile_channels_last_bf16_on_gpu(name):
     _compile_check(name)

@@ -66,7 +66,7 @@ def _epoch(pipe, n, names):
     got = 0
     while got < n:
         for k, v in zip(names, pipe.run()):
-            out[k].append(np.asarray(v.as_tensor()))
+            out[k].append(np.asarray((v.as_cpu() if hasattr(v, "as_cpu") else v).as_tensor()))
         got += len(out[names[0]][-1])
     return {k: np.concatenate(v)[:n] for k, v in out.items()}
 
@@ -269,3 +269,18 @@ def test_odd_sizes_train_crops_and_tiles(odd_ds):
     for t in range(2):
         want = _window(_resized_ref(ODD[7][t]), 0.5, 0.5, False, 160)
         assert np.abs(_pixels(tiled["images"][0])[:, 160 * t:160 * (t + 1)] - want).mean() < 0.5
+
+
+@pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
+@pytest.mark.parametrize("eval_crop", [True, False])
+def test_odd_sizes_on_the_gpu(odd_ds, eval_crop):
+    """The same resize rule in the GPU graph (decode on the GPU, resize and crop there too)."""
+    out, n = _odd_epoch(odd_ds, backend="dali-gpu", device_id=0, eval_crop=eval_crop)
+    size = 160 if eval_crop else 180
+    assert n == 8 and out["images"].shape == (n, size, size, 3)
+    for i in range(n):
+        pid, index = int(out["product_id"][i, 0]), int(out["image_index"][i, 0])
+        want = _window(_resized_ref(ODD[pid][index]), 0.5, 0.5, False, size)
+        diff = np.abs(_pixels(out["images"][i]) - want)
+        # nvJPEG upsamples chroma unlike libjpeg-turbo; on these smooth pictures that is a level or two
+        assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 8, (pid, index, diff.mean(), diff.max())
