@@ -74,6 +74,9 @@ class TrainConfig:
     ckpt_every_steps: int = 1000  # write RUN/last.pt every N steps (and at every validation and epoch end)
     tensorboard: bool = True  # write RUN/tb if tensorboard is installed
     max_steps: int = 0  # stop after this many steps in total (0: no limit; for benchmarks and tests)
+    # several processes: a collective that waits longer than this for another process (a node that died,
+    # hung or went away) ends the run with exit status 4 instead of hanging
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -110,6 +113,8 @@ class Config:
                 raise ConfigError(f"train.{key} must be >= 0")
         if self.train.log_every == 0:
             raise ConfigError("train.log_every must be >= 1")
+        if not 0 < self.train.dist_timeout_s < math.inf:
+            raise ConfigError(f"train.dist_timeout_s must be a number of seconds > 0, not {self.train.dist_timeout_s}")
         if self.early_stop.metric not in EARLY_STOP_METRICS:
             raise ConfigError(f"early_stop.metric must be one of {', '.join(EARLY_STOP_METRICS)}")
         sched = self.optim.lr_schedule

@@ -6,9 +6,11 @@ NCCL; without, it runs on the CPU and talks gloo.
 """
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,7 +32,9 @@ class Dist:
         return self.world_size > 1
 
 
-def setup() -> Dist:
+def setup(timeout_s: float = 600.0) -> Dist:
+    """This process's place in the run; with several processes, the process group, whose collectives give
+    up after ``timeout_s`` (train.dist_timeout_s) waiting for another process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -43,11 +47,35 @@ def setup() -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return Dist(rank, world, local, device)
+
+
+# What gloo, NCCL and c10d say when a peer died, hung past the timeout or cannot be reached.
+_LOST_SIGNS = ("connection reset", "connection closed", "connection refused", "broken pipe", "timed out", "gloo",
+               "nccl", "c10d")
+
+
+def lost_contact(e: BaseException, d: Dist) -> Optional[str]:
+    """A message for the user when ``e`` is a collective that failed because another process (another node)
+    died, hung or became unreachable; None for any other error, or without a process group."""
+    if not d.enabled:
+        return None
+    text = str(e).strip()
+    if not isinstance(e, dist.DistError) and not any(s in text.lower() for s in _LOST_SIGNS):
+        return None
+    first = text.splitlines()[0] if text else type(e).__name__
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's source location, "[.../pair.cc:545] "
+    first = first.split(". ")[0].rstrip(". ")  # its advice after the first sentence is for developers
+    first = "".join(c for c in first if c.isprintable())[:300]
+    return (f"rank {d.rank} of {d.world_size} lost contact with the other processes of the run ({first}): another "
+            "node or process died, became unreachable or did not answer within train.dist_timeout_s, and this "
+            "one stops too. Look at the other nodes' output for the first error; then start the same command "
+            "on every node again: the run resumes from RUN/last.pt")
 
 
 def cleanup() -> None:
