@@ -36,6 +36,12 @@ def setup(timeout_s: float = 600.0) -> Dist:
     """This process's place in the run; with several processes, the process group, whose collectives give
     up after ``timeout_s`` (train.dist_timeout_s) waiting for another process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        missing = [k for k in ("RANK", "LOCAL_RANK") if k not in os.environ]
+        if missing:  # without LOCAL_RANK every process would take GPU 0
+            raise ValueError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set: start the processes with "
+                             "torchrun (train/run.sh does), or have your launcher set RANK and LOCAL_RANK for each "
+                             "process (LOCAL_RANK picks its GPU)")
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():

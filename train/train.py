@@ -549,6 +549,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     d = None
     trainer = None
+    code = None
     try:
         cfg, run_dir = resolve_run(args.config, args.data, args.overrides, args.out)
         if cfg.train.deterministic:  # cuBLAS reads this when CUDA starts
@@ -557,39 +558,48 @@ def main(argv=None) -> int:
         if not d.is_main:  # non-zero ranks stay quiet, library prints included; errors still go to stderr
             sys.stdout = open(os.devnull, "w")
         trainer = Trainer(cfg, run_dir, d)
-        return trainer.fit()
+        code = trainer.fit()
     except (ValueError, DatasetError, checkpoint.CheckpointError) as e:  # ConfigError is a ValueError
         if trainer is not None:  # past setup a ValueError is a bug: show where
             raise
         if d is None or d.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except NonFiniteLoss as e:
         if d.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
+        code = EXIT_NONFINITE
     except RuntimeError as e:  # a collective that failed: another node died, hung or went away
         msg = lost_contact(e, d) if d is not None else None
         if msg is None:
             raise
         print(f"error: {msg}", file=sys.stderr, flush=True)  # every rank: each says what it saw
-        return EXIT_LOST_CONTACT
+        code = EXIT_LOST_CONTACT
     finally:
+        # The status first: once one process of the run exits, torchrun ends the others, teardown or not.
+        if code:
+            report_status(code)
         if trainer is not None:
             trainer.close()
         cleanup()
+    return code
+
+
+def report_status(code: int) -> None:
+    """Under run.sh (TRAIN_STATUS_FILE set) the status goes to that file, for run.sh to return: torchrun
+    turns every failure into 1. Every process writes it (atomically), as soon as it knows it, so the status
+    is there whichever process torchrun sees end first."""
+    path = os.environ.get("TRAIN_STATUS_FILE")
+    if path and code:
+        atomic_write_text(path, str(code))
 
 
 def _exit_status(code: int) -> int:
-    """Under run.sh (TRAIN_STATUS_FILE set) the status goes to that file, for run.sh to return: torchrun
-    turns every failure into 1. An early stop then exits 0, so that torchrun does not report a failure."""
-    path = os.environ.get("TRAIN_STATUS_FILE")
-    if not path or code == 0:
-        return code
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        with open(path, "w") as f:
-            f.write(str(code))
-    return 0 if code == EXIT_EARLY_STOP else code
+    """The process's exit status: under run.sh an early stop exits 0, so that torchrun does not report a
+    failure (run.sh returns 3 from the status file)."""
+    if os.environ.get("TRAIN_STATUS_FILE") and code == EXIT_EARLY_STOP:
+        return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,192 @@
+"""The trainer's distributed edge cases and the settings around them, on 1-2 gloo processes (CPU):
+
+- a resume with another process count (at an epoch end) keeps metrics.jsonl whole, in one step unit, and
+  converts the best step; a mid-epoch checkpoint refuses another process count or batch size;
+- the exit status reaches run.sh even when torchrun ends rank 0 during its teardown;
+- WORLD_SIZE without LOCAL_RANK is refused; sync_bn + compile + DDP is refused;
+- fp16 without grad_clip works on a torch without ``get_total_norm``; ``optim.*_lr_mult`` scale the updates.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from train import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_SH = os.path.join(ROOT, "train", "run.sh")
+SMALL = ["data.crop=64", "data.batch_size=32", "data.num_threads=1", "train.deterministic=true",
+         "optim.warmup_epochs=0", "early_stop.after_epoch=null", "train.tensorboard=false", "train.log_every=4",
+         "train.ckpt_every_steps=0", "train.val_every_steps=0"]
+
+
+def env(**extra):
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra)
+    for k in ("TRAIN_STATUS_FILE", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        if k not in extra:
+            e.pop(k, None)
+    return e
+
+
+def run_sh(*args, check=True):
+    p = subprocess.run([RUN_SH, *map(str, args)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"run.sh {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def records(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_with_another_process_count(data_dir, tmp_path):
+    run = tmp_path / "RUN"
+    common = ["demo", "--data", data_dir, "--out", run, *SMALL]
+    # 1 process: stop mid-epoch 1 (max_steps), then finish epoch 1
+    run_sh(*common, "--nproc", "1", "train.epochs=2", "train.max_steps=5")
+    ck = checkpoint.load(str(run / "last.pt"))
+    spe1 = ck["steps_per_epoch"]
+    assert ck["step"] == 5 < spe1
+    # mid-epoch: another process count or another batch size cannot take over the reader positions
+    for extra in (["--nproc", "2"], ["data.batch_size=16"]):
+        p = run_sh(*common, *extra, "train.epochs=2", check=False)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert "stopped mid-epoch (step 5)" in p.stderr and "--nproc 1" in p.stderr, p.stderr
+        assert checkpoint.load(str(run / "last.pt"))["step"] == 5
+    run_sh(*common, "--nproc", "1", "train.epochs=2", f"train.max_steps={spe1}")
+    one = records(run)
+    val1 = [r for r in one if r["kind"] == "val"]  # at the max_steps stop, and at the epoch end
+    assert [r["step"] for r in val1] == [5, spe1] and val1[1]["epoch"] == 1.0
+
+    # 2 processes from the epoch end: the same epochs in steps of the new size
+    p = run_sh(*common, "--nproc", "2", "train.epochs=2")
+    assert "1 -> 2 processes" in p.stdout, p.stdout
+    ck = checkpoint.load(str(run / "last.pt"))
+    spe2 = ck["steps_per_epoch"]
+    n = json.load(open(os.path.join(data_dir, "manifest.json")))["splits"]["train"]["images"]
+    assert (spe1, spe2) == (n // 32, n // 2 // 32) and ck["world_size"] == 2
+    assert ck["step"] == 2 * spe2 and ck["status"] == "finished"
+    recs = records(run)
+    val = [r for r in recs if r["kind"] == "val"]
+    # the validations of the 1-process part are still there, at their steps in the new unit ...
+    assert [r["epoch"] for r in val] == [val1[0]["epoch"], 1.0, 2.0]
+    assert [r["step"] for r in val] == [round(5 * spe2 / spe1), spe2, 2 * spe2]
+    assert [r["product_acc"] for r in val[:2]] == [r["product_acc"] for r in val1]
+    # ... and every record's step is in the new unit: step / spe2 is its epoch (train records of the first
+    # part were logged every 4 of its steps, so they round to the nearest new step)
+    for r in recs:
+        if "epoch" in r:
+            assert abs(r["step"] / spe2 - r["epoch"]) <= 0.5 / spe2 + 1e-9, r
+    steps = [r["step"] for r in recs if r["kind"] == "train"]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+    best = ck["best"]
+    assert best["step"] in (spe2, 2 * spe2) and best["metric"] == max(r["product_acc"] for r in val)
+
+
+# Rank 0 lingers in its teardown, as a slow destroy_process_group can: torchrun ends it once rank 1 exits.
+_SLOW_TEARDOWN = textwrap.dedent("""
+    import os, sys, time
+    import train.train as tt
+    real = tt.cleanup
+    def slow_cleanup():
+        if os.environ["RANK"] == "0":
+            time.sleep(5)
+        real()
+    tt.cleanup = slow_cleanup
+    sys.exit(tt._exit_status(tt.main(sys.argv[1:])))
+""")
+
+
+def test_exit_status_survives_a_slow_rank_0_teardown(data_dir, tmp_path):
+    run = tmp_path / "RUN"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"not a checkpoint" * 64)  # refused by every rank: status 2
+    probe = tmp_path / "probe.py"
+    probe.write_text(_SLOW_TEARDOWN)
+    status = tmp_path / "status"
+    status.write_text("")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(probe), "--config", "demo", "--data", str(data_dir), "--out", str(run), *SMALL],
+                       cwd=ROOT, env=env(TRAIN_STATUS_FILE=str(status)), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert status.read_text() == "2", p.stdout + p.stderr
+
+
+def test_world_size_without_local_rank_is_refused(data_dir, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "train.train", "--config", "demo", "--data", str(data_dir), "--out",
+                        str(tmp_path / "RUN"), *SMALL], cwd=ROOT, env=env(WORLD_SIZE="2", RANK="0"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "WORLD_SIZE=2 but LOCAL_RANK not set" in p.stderr and "torchrun" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+# ---- in-process trainers on the synthetic backend --------------------------------------------------------
+def _cfg(tmp_path, **sections):
+    from train.config import from_dict
+
+    values = {"data": {"backend": "synthetic", "batch_size": 4, "crop": 32, "image_size": 32,
+                       "synthetic_num_classes": 5, "synthetic_steps": 4},
+              "model": {"name": "tiny", "channels_last": False},
+              "train": {"amp": "off", "tensorboard": False, "log_every": 1000, "epochs": 1}}
+    for k, v in sections.items():
+        values.setdefault(k, {}).update(v)
+    cfg = from_dict(values)
+    cfg.validate()
+    return cfg
+
+
+def test_sync_bn_with_compile_on_several_processes_is_refused(tmp_path):
+    from train.config import ConfigError
+    from train.distributed import Dist
+    from train.train import Trainer
+
+    cfg = _cfg(tmp_path, model={"sync_bn": True, "compile": True})
+    with pytest.raises(ConfigError, match="model.sync_bn=true with model.compile=true"):
+        Trainer(cfg, str(tmp_path / "RUN"), Dist(rank=0, world_size=2))  # refused before any collective
+    assert not (tmp_path / "RUN").exists()
+
+
+def test_fp16_without_clip_on_a_torch_without_get_total_norm(tmp_path, monkeypatch):
+    from train.distributed import Dist
+    from train.train import Trainer, total_norm
+
+    grads = [torch.tensor([3.0, 4.0]), torch.tensor([[12.0]])]
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
+    assert float(total_norm(grads)) == pytest.approx(13.0)  # sqrt(9 + 16 + 144)
+    tr = Trainer(_cfg(tmp_path, train={"amp": "fp16", "epochs": 5}), str(tmp_path / "RUN"), Dist())
+    scale0 = tr.scaler.get_scale()
+    done = tr.run_steps(10, housekeeping=False)
+    assert done.steps == 10 and tr.step == 10
+    # the steps the trainer counted as skipped (non-finite total_norm) are the ones the scaler skipped: each
+    # halved its scale (and no 2,000 good steps in a row doubled it)
+    skipped = int(tr.acc_skipped)
+    assert tr.scaler.get_scale() == scale0 / 2 ** skipped and skipped < 10
+    tr.close()
+
+
+def test_lr_multipliers_scale_each_groups_first_adam_update(tmp_path):
+    from models import param_groups
+    from train.distributed import Dist
+    from train.train import Trainer
+
+    lr = 1e-3
+    cfg = _cfg(tmp_path, optim={"lr_schedule": [[0, lr]], "pretrained_lr_mult": 0.1, "new_lr_mult": 3.0,
+                                "eps": 1e-12, "fused": False})
+    tr = Trainer(cfg, str(tmp_path / "RUN"), Dist())
+    groups = param_groups(tr.raw)
+    before = {id(p): p.detach().clone() for p in tr.raw.parameters()}
+    tr.run_steps(1, housekeeping=False)
+    # Adam's first step moves every parameter with a non-zero gradient by exactly lr * mult
+    for name, mult in (("pretrained", 0.1), ("new", 3.0)):
+        moves = torch.cat([(p.detach() - before[id(p)]).abs().flatten() for p in groups[name]])
+        moves = moves[moves > 0]
+        assert moves.numel() > 0, name
+        assert torch.allclose(moves, torch.full_like(moves, lr * mult), rtol=1e-3), (name, moves.min(), moves.max())
+    tr.close()
