@@ -61,6 +61,14 @@ def test_tune_times_each_setting_and_names_the_fastest(data_dir, tmp_path, capsy
     assert f"override: {res['override']}" in capsys.readouterr().out
 
 
+def test_tune_budget_stops_starting_candidates(data_dir, tmp_path, capsys):
+    res = run_mode(tmp_path, "tune", "--data", str(data_dir), "--recipe", "demo", "--batches", "16", "32",
+                   "--threads-list", "1", "2", "--seconds", "0.2", "--warmup", "1", "--budget-s", "0.001")
+    assert set(res["candidates"]) == {"synthetic b16", "dali-cpu t1 b16"}  # the first real one always runs
+    out = capsys.readouterr().out
+    assert "dali-cpu t2 b16" in out and "skipped" in out and "batch 32: skipped" in out
+
+
 def test_tune_candidates_on_a_gpu_machine():
     cands = bench.tune_candidates(cuda=True, cpus=16, batches=[256, 512])
     gpu = [(c["num_threads"], c["hw_decoder_load"]) for c in cands if c["backend"] == "dali-gpu"]

@@ -457,12 +457,22 @@ def bench_tune(a) -> dict:
             release()
             r = dict(c, **r, seconds=round(time.perf_counter() - t0, 1))
             rows[name] = r
+            if a.json:  # what is measured so far survives a timeout
+                from dali_pipes.fileio import atomic_write_text
+                atomic_write_text(a.json, json.dumps({"mode": "tune", "partial": True, "candidates": rows}, indent=1))
             rate = f"{r['images_per_s']:9,.0f} img/s, data wait {r['data_wait_share']:5.1%}" if "images_per_s" in r \
                 else r["error"]
             print(f"  {name:<28} {rate}   ({r['seconds']:.0f} s)", flush=True)
             return r
 
+        def over_budget() -> bool:  # never before one real-data candidate has run
+            return bool(a.budget_s) and time.perf_counter() - t_start > a.budget_s and any(
+                r["backend"] != "synthetic" and "images_per_s" in r for r in rows.values())
+
         for i, b in enumerate(batches):
+            if i and over_budget():
+                print(f"  batch {b}: skipped, past --budget-s {a.budget_s:g}", flush=True)
+                break
             run({"backend": "synthetic", "num_threads": 0, "hw_decoder_load": 0.0, "batch_size": b})
             if i == 0:
                 cands = tune_candidates(cuda, os.cpu_count() or 1, batches, a.threads_list, a.hw_loads)
@@ -472,6 +482,9 @@ def bench_tune(a) -> dict:
                 cands = [{k: r[k] for k in ("backend", "num_threads", "hw_decoder_load")} for r in done]
                 cands = [dict(c, batch_size=b) for c in cands]
             for c in cands:
+                if over_budget():
+                    print(f"  {_candidate_name(c):<28} skipped: past --budget-s {a.budget_s:g}", flush=True)
+                    continue
                 run(c)
         trainer.close()
     real = [r for r in rows.values() if r["backend"] != "synthetic" and "images_per_s" in r]
@@ -605,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hw-loads", type=float, nargs="+", help="dali-gpu hw_decoder_load values (default 0 0.5 1)")
     p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per candidate")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per candidate")
+    p.add_argument("--budget-s", type=float, default=0, help="start no new candidate after this many seconds "
+                                                             "(0: no limit); the fastest so far is reported")
     p.add_argument("--override", nargs="*", metavar="section.key=value", help="recipe overrides")
     p.add_argument("--json", help="write every figure and the environment to this file")
     p = sub.add_parser("predict", help="end-to-end predict vs forward-only images/s on an unlabelled repack")
