@@ -6,7 +6,7 @@
 # 2. `tools.bench tune`: real-data training steps of resnet50 (5,270 classes) for each input setting, and
 #    synthetic data; 3. a short `train/run.sh resnet34` run (NCCL, the trainer end to end) whose checkpoint
 # 4. predicts the test set (`tools.bench predict`); 5. the tests marked gpu (not the slow model sweep).
-# PY (default python3) runs Python; TUNE_SECONDS (default 8) is the time per tune candidate; TUNE_RECIPE,
+# PY (default python3) runs Python; TUNE_SECONDS (default 5) is the time per tune candidate; TUNE_RECIPE,
 # RUN_RECIPE and RUN_ARGS change the models (a CPU dry run: TUNE_RECIPE=demo RUN_RECIPE=demo RUN_ARGS=...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,8 @@ OUT=${1:?usage: tools/gpu_check.sh OUTDIR [TRAIN_PRODUCTS] [TEST_PRODUCTS]}
 N=${2:-4000}
 NT=${3:-12000}  # ~1.76 images per product: 12,000 test products are ~21,000 images
 PY=${PY:-python3}
-TUNE_SECONDS=${TUNE_SECONDS:-8}
+TUNE_SECONDS=${TUNE_SECONDS:-5}
+TUNE_BUDGET=${TUNE_BUDGET:-120}  # no new tune candidate after this many seconds
 TUNE_RECIPE=${TUNE_RECIPE:-resnet50}
 RUN_RECIPE=${RUN_RECIPE:-resnet34}
 RUN_ARGS=${RUN_ARGS:-train.max_steps=30 data.batch_size=256 model.compile=false}
@@ -57,8 +58,8 @@ step 60 repack_test $PY -m tools.repack --bson "$W/raw/test.bson" --unlabelled -
     --quiet || { rm -rf "$W"; exit 1; }
 
 log "tune: resnet50 @160, 5,270 classes, real data per input setting vs synthetic"
-step 210 tune $PY -m tools.bench tune --recipe "$TUNE_RECIPE" --data "$W/data" --seconds "$TUNE_SECONDS" \
-    --json "$OUT/tune.json"
+step 170 tune $PY -m tools.bench tune --recipe "$TUNE_RECIPE" --data "$W/data" --seconds "$TUNE_SECONDS" \
+    --warmup 3 --budget-s "$TUNE_BUDGET" --json "$OUT/tune.json"
 sed -n "1,/^override/p" "$X/tune.log"
 
 log "train/run.sh $RUN_RECIPE $RUN_ARGS"
@@ -74,7 +75,7 @@ if [ -f "$W/run/last.pt" ]; then
 fi
 
 log "tests marked gpu"
-step 150 pytest_gpu $PY -m pytest -q -m "gpu and not gpu_slow" -p no:cacheprovider tests
+step "${TEST_SECONDS:-170}" pytest_gpu $PY -m pytest -q -m "gpu and not gpu_slow" -p no:cacheprovider tests
 cp "$X/pytest_gpu.log" "$OUT/pytest_gpu.log"
 tail -n 3 "$OUT/pytest_gpu.log" | sed 's/^/   /'
 
