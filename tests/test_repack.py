@@ -68,12 +68,43 @@ def run_repack(tmp_path, docs, name="D", **kw):
     return out, m, read_quarantine(out)
 
 
-def assert_counts_add_up(m):
-    c = m["counts"]
-    assert c["products_read"] == c["products_written"] + c["products_quarantined"]
-    assert c["images_read"] == c["images_written"] + c["images_quarantined"]
-    assert sum(s["products"] for s in m["splits"].values()) == c["products_written"]
-    assert sum(s["images"] for s in m["splits"].values()) == c["images_written"]
+def splitmix64(x: int) -> int:
+    """The published splitmix64 finalizer in Python integers (an implementation apart from repack's numpy one)."""
+    m = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def in_val(product_id: int, fraction: float) -> bool:
+    """DESIGN.md's rule: splitmix64 of the id below ``fraction`` of the 64-bit range means validation."""
+    return splitmix64(product_id) < fraction * 2.0 ** 64
+
+
+def n_images(docs):
+    return sum(len(d["imgs"]) for d in docs)
+
+
+def assert_counts(out, m, q, *, read, written, images_read, images_written, quarantined):
+    """The manifest's counts and what the shards and quarantine.csv really hold, against the numbers the test
+    built the BSON with. ``quarantined``: (product_id, image_index, part of the reason) per quarantine row."""
+    assert m["counts"] == {"products_read": read, "products_written": written, "products_quarantined": read - written,
+                           "images_read": images_read, "images_written": images_written,
+                           "images_quarantined": images_read - images_written}
+    recs = all_image_records(out, m)
+    assert len(recs) == images_written and len({r["product_id"] for _, r in recs}) == written
+    for split, s in m["splits"].items():
+        in_split = [r for sp, r in recs if sp == split]
+        assert (s["products"], s["images"]) == (len({r["product_id"] for r in in_split}), len(in_split))
+    per_k = [r["product_id"] for k in range(1, 5) for split in m["splits"]
+             for sh in m["products_k"][str(k)][split]["shards"] for r in read_examples(os.path.join(out, sh["path"]))]
+    assert sorted(per_k) == sorted({r["product_id"] for _, r in recs})  # every written product once
+    rows = sorted((r["product_id"], r["image_index"], r["reason"]) for r in q)
+    want = sorted(quarantined)
+    assert [r[:2] for r in rows] == [w[:2] for w in want], rows
+    for r, w in zip(rows, want):
+        assert w[2] in r[2], (r, w)
 
 
 def all_image_records(out, m):
@@ -105,7 +136,12 @@ def test_round_trip_own_reader(generated):
     d, out = generated
     ds = open_dataset(out)
     m = ds.manifest
-    assert_counts_add_up(m)
+    docs = list(iter_products(str(d / "train.bson")))
+    val = [doc for doc in docs if in_val(doc["_id"], 0.2)]
+    assert 0.1 < len(val) / len(docs) < 0.3
+    assert_counts(out, m, read_quarantine(out), read=len(docs), written=len(docs), images_read=n_images(docs),
+                  images_written=n_images(docs), quarantined=[])
+    assert (m["splits"]["val"]["products"], m["splits"]["val"]["images"]) == (len(val), n_images(val))
     assert len(m["splits"]["train"]["shards"]) > 1  # several shards, written by 2 workers
     by_key = {(r["product_id"], r["image_index"]): (split, r) for split, r in all_image_records(out, m)}
     cats = ds.category_ids
@@ -113,7 +149,7 @@ def test_round_trip_own_reader(generated):
     n_products = 0
     for doc in iter_products(str(d / "train.bson")):
         n_products += 1
-        expected_split = "val" if is_val(doc["_id"], 0.2) else "train"
+        expected_split = "val" if in_val(doc["_id"], 0.2) else "train"
         for j, img in enumerate(doc["imgs"]):
             split, r = by_key.pop((doc["_id"], j))
             assert r["image"] == img["picture"]  # byte for byte, never re-encoded
@@ -264,7 +300,9 @@ def test_truncated_in_the_middle_of_a_document(tmp_path):
     assert m["incomplete_source"]["stop_offset"] == cut_at and "truncated" in m["incomplete_source"]["reason"]
     q = read_quarantine(str(tmp_path / "D"))
     assert q[-1]["offset"] == str(cut_at) and "unreadable from here" in q[-1]["reason"]
-    assert_counts_add_up(m)
+    whole = good_docs(10)[:7]
+    assert_counts(str(tmp_path / "D"), m, q, read=7, written=7, images_read=n_images(whole),
+                  images_written=n_images(whole), quarantined=[("", "", "unreadable from here")])
 
 
 def test_product_without_images(tmp_path):
@@ -272,7 +310,8 @@ def test_product_without_images(tmp_path):
     out, m, q = run_repack(tmp_path, docs)
     assert [r["product_id"] for r in q] == ["99"] and q[0]["reason"] == "product has no images"
     assert m["counts"]["products_quarantined"] == 1 and m["counts"]["products_written"] == 4
-    assert_counts_add_up(m)
+    assert_counts(out, m, q, read=5, written=4, images_read=10, images_written=10,  # 1 + 2 + 3 + 4 images
+                  quarantined=[("99", "", "product has no images")])
 
 
 def test_product_without_category(tmp_path):
@@ -280,14 +319,16 @@ def test_product_without_category(tmp_path):
     out, m, q = run_repack(tmp_path, docs)
     assert q[0]["product_id"] == "77" and "no category_id" in q[0]["reason"] and "--unlabelled" in q[0]["reason"]
     assert m["counts"]["images_quarantined"] == 2
-    assert_counts_add_up(m)
+    assert_counts(out, m, q, read=5, written=4, images_read=12, images_written=10,
+                  quarantined=[("77", "", "no category_id")])
 
 
 def test_category_not_in_csv(tmp_path):
     docs = good_docs(4) + [{"_id": 55, "category_id": 1000099999, "imgs": [{"picture": jpeg(1)}]}]
     out, m, q = run_repack(tmp_path, docs)
     assert q[0]["product_id"] == "55" and "1000099999 is not in category_names.csv" in q[0]["reason"]
-    assert_counts_add_up(m)
+    assert_counts(out, m, q, read=5, written=4, images_read=11, images_written=10,
+                  quarantined=[("55", "", "not in category_names.csv")])
 
 
 def test_duplicate_id(tmp_path):
@@ -298,7 +339,8 @@ def test_duplicate_id(tmp_path):
     assert f"first seen at offset {first}" in q[0]["reason"]
     ids = [r["product_id"] for _, r in all_image_records(out, m)]
     assert ids.count(2) == 3  # the first product 2 (3 images) is kept, the duplicate is not
-    assert_counts_add_up(m)
+    assert_counts(out, m, q, read=5, written=4, images_read=11, images_written=10,
+                  quarantined=[("2", "", "duplicate _id")])
 
 
 def test_png_image_is_quarantined_product_kept(tmp_path):
@@ -308,7 +350,8 @@ def test_png_image_is_quarantined_product_kept(tmp_path):
     recs = [r for _, r in all_image_records(out, m) if r["product_id"] == 42]
     assert [(r["image_index"], r["num_images"]) for r in recs] == [(0, 1)]
     assert m["counts"]["images_quarantined"] == 1 and m["counts"]["products_quarantined"] == 0
-    assert_counts_add_up(m)
+    assert_counts(out, m, q, read=4, written=4, images_read=8, images_written=7,  # 1 + 2 + 3 + 2, one PNG
+                  quarantined=[("42", "1", "not a JPEG")])
 
 
 def test_truncated_jpeg_caught_by_header_check(tmp_path):
@@ -318,7 +361,8 @@ def test_truncated_jpeg_caught_by_header_check(tmp_path):
     assert q[0]["image_index"] == "0" and "truncated JPEG" in q[0]["reason"]
     assert q[1]["product_id"] == "43" and q[1]["image_index"] == "" and "no readable image" in q[1]["reason"]
     assert m["counts"]["products_quarantined"] == 1 and m["counts"]["images_quarantined"] == 1
-    assert_counts_add_up(m)
+    assert_counts(out, m, q, read=4, written=3, images_read=7, images_written=6,
+                  quarantined=[("43", "0", "truncated JPEG"), ("43", "", "no readable image")])
 
 
 def test_corrupt_jpeg_data_caught_by_decode_check(tmp_path):
@@ -334,7 +378,8 @@ def test_corrupt_jpeg_data_caught_by_decode_check(tmp_path):
     _, m, q = run_repack(tmp_path, docs, name="V", verify="decode")
     assert [(r["product_id"], r["image_index"]) for r in q] == [("44", "1")]
     assert "does not decode" in q[0]["reason"]
-    assert_counts_add_up(m)
+    assert_counts(str(tmp_path / "V"), m, q, read=4, written=4, images_read=8, images_written=7,
+                  quarantined=[("44", "1", "does not decode")])
 
 
 def test_absurdly_large_document_and_image(tmp_path):
@@ -346,7 +391,10 @@ def test_absurdly_large_document_and_image(tmp_path):
     assert "exceeds the 16777216-byte limit" in reasons[("", "")]
     assert "exceeds the 4194304-byte limit" in reasons[("61", "0")]
     assert m["counts"]["products_written"] == 4 and m["counts"]["products_quarantined"] == 2
-    assert_counts_add_up(m)
+    # the oversized document is never decoded, so its image is not among those read
+    assert_counts(out, m, q, read=6, written=4, images_read=3 + 1 + 3, images_written=6,
+                  quarantined=[("", "", "16777216-byte limit"), ("61", "0", "4194304-byte limit"),
+                               ("61", "", "no readable image")])
 
 
 def test_corrupt_document_in_the_middle(tmp_path):
@@ -357,7 +405,9 @@ def test_corrupt_document_in_the_middle(tmp_path):
     out, m, q = run_repack(tmp_path, docs)
     assert len(q) == 1 and "does not decode" in q[0]["reason"] and q[0]["offset"] == str(len(docs[0]) + len(docs[1]))
     assert m["counts"]["products_written"] == 4
-    assert_counts_add_up(m)
+    # product 2 (3 images) does not decode: its images are not read
+    assert_counts(out, m, q, read=5, written=4, images_read=11 - 3, images_written=8,
+                  quarantined=[("", "", "does not decode")])
 
 
 def test_missing_categories_file_and_bson(tmp_path):
@@ -386,9 +436,34 @@ def test_rerun_killed_run_starts_clean_and_existing_dataset_is_refused(tmp_path)
     assert m3["counts"]["products_written"] == 5
 
 
-def test_val_split_is_per_product_and_deterministic():
-    ids = range(20000)
-    frac = sum(is_val(i, 0.1) for i in ids) / 20000
-    assert 0.09 < frac < 0.11
-    assert [is_val(i, 0.1) for i in range(100)] == [is_val(i, 0.1) for i in range(100)]
+def test_product_with_more_than_four_images(tmp_path):
+    six = [jpeg(700 + j) for j in range(6)]
+    five = [jpeg(800), png(), jpeg(801), jpeg(802), jpeg(803)]  # 4 good images once the PNG is quarantined
+    docs = good_docs(3) + [{"_id": 70, "category_id": CAT0, "imgs": [{"picture": p} for p in six]},
+                           {"_id": 71, "category_id": CAT0 + 1, "imgs": [{"picture": p} for p in five]}]
+    out, m, q = run_repack(tmp_path, docs)
+    assert_counts(out, m, q, read=5, written=5, images_read=6 + 6 + 5, images_written=6 + 6 + 4,
+                  quarantined=[("71", "1", "not a JPEG")])
+    # image shards: every image of the product, each with its place in the document
+    recs = {(r["product_id"], r["image_index"]): r for _, r in all_image_records(out, m) if r["product_id"] in (70, 71)}
+    assert sorted(recs) == [(70, j) for j in range(6)] + [(71, j) for j in (0, 2, 3, 4)]
+    assert [recs[70, j]["image"] for j in range(6)] == six and {recs[70, j]["num_images"] for j in range(6)} == {6}
+    assert [recs[71, j]["image"] for j in (0, 2, 3, 4)] == [five[j] for j in (0, 2, 3, 4)]
+    # product shards: K is at most 4, the first four good images in the document's order
+    k4 = {r["product_id"]: r for split in ("train", "val") for sh in m["products_k"]["4"][split]["shards"]
+          for r in read_examples(os.path.join(out, sh["path"]))}
+    assert [k4[70][f"image_{i}"] for i in range(4)] == six[:4]
+    assert [k4[71][f"image_{i}"] for i in range(4)] == [five[j] for j in (0, 2, 3, 4)]
+    assert "image_4" not in k4[70] and sorted(m["products_k"]) == ["1", "2", "3", "4"]
+    assert not os.path.exists(os.path.join(out, "products", "k5"))
+
+
+def test_val_split_is_splitmix64_of_the_id():
+    # splitmix64 seeded with 0: its first two outputs are the algorithm's published test values
+    assert splitmix64(0) == 0xE220A8397B1DCDAF and splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
+    assert [i for i in range(100) if is_val(i, 0.1)] == [10, 18, 21, 41, 48, 68, 82, 83]
+    ids = np.random.default_rng(0).integers(0, 1 << 62, 2000).tolist() + list(range(2000))
+    for frac in (0.01, 0.1, 0.5):
+        assert [is_val(i, frac) for i in ids] == [in_val(i, frac) for i in ids], frac
+    assert 0.09 < sum(in_val(i, 0.1) for i in range(20000)) / 20000 < 0.11
     assert not any(is_val(i, 0.0) for i in range(1000))
