@@ -269,6 +269,37 @@ def test_state_from_another_configuration_is_refused(data_dir):
         build_loader(cfg, 1, 2, "train", state=dict(state, dali=tiled.state()["dali"]))
 
 
+def test_state_with_another_flip_or_another_record_count_is_refused(data_dir, synthetic_dir, records, tmp_path):
+    import bson
+
+    from dali_pipes.writer.bson_io import iter_products
+    from tools import repack
+
+    cfg = _cfg(data_dir)
+    plain, _ = build_loader(cfg, 0, 1, "val")
+    next(iter(plain))
+    state = plain.state()
+    # the mirrored TTA pass cannot take over the plain pass's reader position, nor the other way round
+    with pytest.raises(ValueError, match=r"flip: saved False, now True"):
+        build_loader(cfg, 0, 1, "val", state=state, flip=True)
+    flipped, _ = build_loader(cfg, 0, 1, "val", flip=True)
+    next(iter(flipped))
+    with pytest.raises(ValueError, match=r"flip: saved True, now False"):
+        build_loader(cfg, 0, 1, "val", state=flipped.state())
+    # the same settings on a data set with other records (here: a repack of fewer products)
+    docs = list(iter_products(str(synthetic_dir / "train.bson")))[:300]
+    with open(tmp_path / "fewer.bson", "wb") as f:
+        for d in docs:
+            f.write(bson.encode(d))
+    assert repack.main(["--bson", str(tmp_path / "fewer.bson"), "--categories", str(synthetic_dir / "category_names.csv"),
+                        "--out", str(tmp_path / "FEWER"), "--val-fraction", "0.2", "--workers", "1", "--quiet"]) == 0
+    n_val = len(records["val"])
+    n_fewer = sum(1 for p in open_dataset(str(tmp_path / "FEWER")).shards("val")[0] for _ in read_examples(p))
+    assert 0 < n_fewer < n_val
+    with pytest.raises(ValueError, match=rf"num_records: saved {n_val}, now {n_fewer}"):
+        build_loader(_cfg(tmp_path / "FEWER"), 0, 1, "val", state=state)
+
+
 # ---- errors -----------------------------------------------------------------------------------------------
 @pytest.fixture
 def data_copy(data_dir, tmp_path):
