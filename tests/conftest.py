@@ -102,6 +102,7 @@ def test_data_dir(synthetic_dir, tmp_path_factory):
 
 # ---- the trainer's tests (tests/test_train_*.py) ---------------------------------------------------------
 DEMO_PRODUCTS, DEMO_CATEGORIES, DEMO_SEED = 2000, 20, 0
+DEMO_FIXTURE = ["train.epochs=2", "data.image_size=180"]  # trained_demo's overrides of the demo recipe
 
 
 def demo_raw_dir(tmp_path_factory):
@@ -124,13 +125,16 @@ def demo_data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_demo(demo_data_dir, tmp_path_factory):
-    """`train/run.sh demo` on the demo set, run once per session: the predictor's tests use its best.pt."""
+    """`train/run.sh demo` (``DEMO_FIXTURE``) on the demo set, run once per session: the predictor's tests use
+    its best.pt."""
     import os
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = tmp_path_factory.mktemp("demo_run") / "RUN"
-    r = subprocess.run(["bash", "train/run.sh", "demo", "--data", str(demo_data_dir), "--out", str(run)],
+    # 2 of the recipe's 5 epochs: the tests need a trained model, not the last percent, and the suite stays
+    # short. No resize (image_size 180): the predictor's tests crop the 180 pictures by hand.
+    r = subprocess.run(["bash", "train/run.sh", "demo", "--data", str(demo_data_dir), "--out", str(run)] + DEMO_FIXTURE,
                        cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return {"raw": demo_raw_dir(tmp_path_factory), "data": demo_data_dir, "run": run,
