@@ -9,6 +9,7 @@ the demo recipe for a few steps on generated data.
 
 ``CUDA_VISIBLE_DEVICES`` is emptied: the same CPU/gloo test on a GPU machine.
 """
+import functools
 import json
 import os
 import signal
@@ -109,6 +110,7 @@ def records(run, kind):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
+@functools.lru_cache(maxsize=None)  # the same for both rendezvous tests: computed once
 def first_batch_losses(data):
     """Each rank's loss on its first training batch, computed here: the model the trainer builds (the same
     seed), each rank's loader of a 2-process run (its own shard), plain cross-entropy."""
@@ -154,7 +156,7 @@ def test_two_nodes_train_together(data_dir, tmp_path, rendezvous):
     # both ranks trained, each on its own shard, and the logged loss is reduced over both
     train = records(run, "train")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
-    l0, l1 = first_batch_losses(data_dir)
+    l0, l1 = first_batch_losses(str(data_dir))
     assert abs(l0 - l1) > 1e-3  # the two shards' batches are told apart by their loss
     assert train[0]["loss"] == pytest.approx((l0 + l1) / 2, rel=1e-4, abs=1e-5)
     val = records(run, "val")[-1]
