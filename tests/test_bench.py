@@ -1,12 +1,44 @@
-"""tools.bench: every mode runs a few steps on generated data and writes the agreed JSON keys."""
+"""tools.bench: every mode runs a few steps on generated data and writes the agreed JSON keys.
+
+Rates are checked on a bench whose clock is a ``Ticks`` one (each reading one second later than the last): the
+work between two readings then takes one second, so a rate must equal the images (or products, or MB) that
+went through in that one step: the batch of a known loader, the images of a known BSON.
+"""
 import json
 import os
+import time
 
 import pytest
 
 from tools import bench
 
 ENV_KEYS = {"cpu_count", "torch", "dali", "batch", "threads", "gpu", "cuda", "python"}
+
+
+class Ticks:
+    """``time`` for tools.bench: perf_counter moves one second on at every reading."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def ticks(monkeypatch):
+    monkeypatch.setattr(bench, "time", Ticks())
+
+
+def bson_counts(path):
+    from dali_pipes.writer.bson_io import iter_products
+
+    docs = list(iter_products(str(path)))
+    return len(docs), sum(len(d["imgs"]) for d in docs)
 
 
 def run_mode(tmp_path, *args):
@@ -25,23 +57,34 @@ def test_loader(data_dir, tmp_path):
     assert res["env"]["batch"] == 16 and res["env"]["threads"] == 1
 
 
-def test_baseline(data_dir, tmp_path):
+def test_loader_rate_is_the_timed_batches_images(data_dir, tmp_path, ticks):
+    # 3 timed batches of 16, one second each; the 2 warm-up batches are not counted
+    res = run_mode(tmp_path, "loader", "--data", str(data_dir), "--batch", "16", "--threads", "1",
+                   "--seconds", "3", "--warmup", "2", "--crop", "64")
+    assert res["images_per_s"] == 16.0
+    assert res["batch_ms_p50"] == res["batch_ms_p99"] == 1000.0 and res["crop"] == 64
+
+
+def test_baseline(data_dir, tmp_path, ticks):
     res = run_mode(tmp_path, "baseline", "--data", str(data_dir), "--batch", "16", "--threads", "1",
                    "--seconds", "1", "--images", "64")
     assert res["mode"] == "baseline"
-    assert res["pil_dataloader"]["images_per_s"] > 0 and res["bare_decode"]["images_per_s"] > 0
-    assert res["torchvision_dataloader"]["images_per_s"] > 0  # decode_jpeg in DataLoader workers, uint8 crops
+    # each DataLoader: one timed batch of 16 in one tick (decode_jpeg / PIL in DataLoader workers)
+    assert res["pil_dataloader"]["images_per_s"] == res["torchvision_dataloader"]["images_per_s"] == 16.0
+    assert res["bare_decode"]["images_per_s"] > 0  # timed by its own processes, on the real clock
+    # one thread: the per-core rate is the whole rate
     assert res["bare_decode"]["per_core_images_per_s"] == pytest.approx(res["bare_decode"]["images_per_s"])
 
 
-def test_train_real_and_synthetic_in_one_run(data_dir, tmp_path):
+def test_train_real_and_synthetic_in_one_run(data_dir, tmp_path, ticks):
     res = run_mode(tmp_path, "train", "--model", "tiny", "--data", str(data_dir), "--synthetic", "--amp", "off",
                    "--batch", "8", "--crop", "64", "--steps", "3", "--warmup", "1", "--threads", "1")
-    assert res["mode"] == "train" and res["model"] == "tiny"
+    assert res["mode"] == "train" and res["model"] == "tiny" and res["crop"] == 64
     real, syn = res["real"], res["synthetic"]
-    assert real["images_per_s"] > 0 and syn["images_per_s"] > 0 and 0 <= real["data_wait_share"] < 1
-    assert res["real_over_synthetic"] == pytest.approx(real["images_per_s"] / syn["images_per_s"])
-    assert res["num_classes"] == 8
+    # the 3 timed steps of 8 images each in one tick; the warm-up step is not counted
+    assert real["images_per_s"] == syn["images_per_s"] == 24.0 and res["real_over_synthetic"] == 1.0
+    assert real["backend"] == "dali-cpu" and real["data_wait_share"] >= 0
+    assert res["num_classes"] == 8  # the data set's categories, not --classes
 
 
 def test_tune_times_each_setting_and_names_the_fastest(data_dir, tmp_path, capsys):
@@ -52,7 +95,9 @@ def test_tune_times_each_setting_and_names_the_fastest(data_dir, tmp_path, capsy
     assert res["model"] == "tiny" and res["num_classes"] == 8 and res["compile"] is False
     for name, r in rows.items():
         assert r["images_per_s"] > 0 and r["steps"] >= 10 and 0 <= r["data_wait_share"] < 1
-        assert r["over_synthetic"] == pytest.approx(r["images_per_s"] / rows["synthetic b16"]["images_per_s"])
+    assert rows["synthetic b16"]["over_synthetic"] == 1.0
+    by_rate = sorted(rows, key=lambda n: rows[n]["images_per_s"])
+    assert by_rate == sorted(rows, key=lambda n: rows[n]["over_synthetic"])  # one denominator for every row
     best = max(["dali-cpu t1 b16", "dali-cpu t2 b16"], key=lambda n: rows[n]["images_per_s"])
     assert res["best"] == best
     from train.config import load_config
@@ -86,32 +131,35 @@ def test_train_synthetic_only(tmp_path):
     assert "real" not in res and "real_over_synthetic" not in res and res["synthetic"]["images_per_s"] > 0
 
 
-def test_predict(trained_demo, tmp_path):
-    from dali_pipes.writer.bson_io import iter_products
-
+def test_predict(trained_demo, tmp_path, ticks):
     test_bson = trained_demo["raw"] / "test.bson"
     res = run_mode(tmp_path, "predict", "--bson", str(test_bson), "--checkpoint", trained_demo["ckpt"],
                    "--batch", "32", "--threads", "1", "--seconds", "1", "--forward-batches", "3", "--tmp", str(tmp_path))
-    docs = list(iter_products(str(test_bson)))
-    assert res["mode"] == "predict" and res["products"] == len(docs)
-    assert res["images"] == sum(len(d["imgs"]) for d in docs)
-    assert res["repack"]["images_per_s"] == pytest.approx(res["images"] / res["repack"]["seconds"])
-    e2e = res["end_to_end"]
-    assert res["images_per_s"] == pytest.approx(res["images"] / e2e["seconds"])
-    assert res["products_per_s"] == pytest.approx(res["products"] / e2e["seconds"])
-    assert res["forward_only"]["images"] == 3 * 32 and res["forward_only"]["images_per_s"] > 0
-    assert res["end_to_end_over_forward_only"] == pytest.approx(res["images_per_s"] / res["forward_only"]["images_per_s"])
-    assert 0 <= e2e["data_wait_share"] <= 1 and e2e["loader_build_seconds"] < e2e["seconds"]
+    products, images = bson_counts(test_bson)
+    assert res["mode"] == "predict" and (res["products"], res["images"]) == (products, images)
+    # the repack and the end-to-end run each take one tick: their rates are the BSON's products and images
+    assert res["repack"] == {"seconds": 1.0, "products_per_s": products, "images_per_s": images}
+    assert (res["images_per_s"], res["products_per_s"], res["end_to_end"]["seconds"]) == (images, products, 1.0)
+    # forward-only: the 3 kept batches of 32, one pass in one tick
+    assert res["forward_only"] == {"images_per_s": 96.0, "batches": 3, "images": 96}
+    assert res["end_to_end_over_forward_only"] == pytest.approx(images / 96)
+    assert 0 <= res["end_to_end"]["data_wait_share"] <= 1
     assert not [p for p in os.listdir(tmp_path) if p.startswith("predict-")]  # the repack was cleaned up
 
 
-def test_repack(synthetic_dir, tmp_path):
-    res = run_mode(tmp_path, "repack", "--bson", str(synthetic_dir / "train.bson"), "--categories",
+def test_repack(synthetic_dir, tmp_path, ticks):
+    src = synthetic_dir / "train.bson"
+    res = run_mode(tmp_path, "repack", "--bson", str(src), "--categories",
                    str(synthetic_dir / "category_names.csv"), "--workers", "1", "2", "--tmp", str(tmp_path))
-    scan = res["bare_scan"]["mb_per_s"]
+    products, images = bson_counts(src)
+    mb = os.path.getsize(src) / 1e6
+    # the bare scan and each repack take one tick: rates are the file's MB, products and images
+    assert res["bson_mb"] == mb and res["bare_scan"]["mb_per_s"] == mb
     for w in (1, 2):
         r = res[f"workers_{w}"]
-        assert r["mb_per_s"] > 0 and r["per_core_over_bare_scan"] == pytest.approx(r["mb_per_s"] / w / scan)
+        assert (r["mb_per_s"], r["products_per_s"], r["images_per_s"]) == (mb, products, images)
+        assert r["per_core_over_bare_scan"] == pytest.approx(1 / w) and r["verify"] == "decode"
+        assert r["cpu_s"] > 0
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
