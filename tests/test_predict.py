@@ -114,6 +114,57 @@ def test_bad_test_products_still_get_rows_and_are_reported(trained, tmp_path, ca
     assert "3 without a readable image" in r.stdout
 
 
+def test_no_id_repeated_id_and_the_default_fallback(trained, tmp_path, capsys):
+    import collections
+
+    answers = {int(x["_id"]): int(x["category_id"]) for x in rows(trained["raw"] / "test_answers.csv")}
+    cats = sorted(int(x["category_id"]) for x in rows(trained["raw"] / "category_names.csv"))
+    docs = list(iter_products(str(trained["raw"] / "test.bson")))
+    # 8 products of the test set's largest category (not the lowest id, which a broken fallback of class 0
+    # would give) and one each of 6 others: the model (about 0.9 accurate) predicts that category most often
+    major = collections.Counter(answers.values()).most_common(1)[0][0]
+    assert major != cats[0]
+    good = [d for d in docs if answers[d["_id"]] == major][:8]
+    others = [next(d for d in docs if answers[d["_id"]] == c) for c in [c for c in cats if c != major][1:7]]
+    good = [d for pair in zip(good, others + [None, None]) for d in pair if d is not None]
+    png = __import__("io").BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((180, 180, 3), np.uint8)).save(png, "PNG")
+    first = good[3]["_id"]
+    bad = [{"imgs": [{"picture": make_jpeg(0, seed=3)}]},  # no _id: no row possible
+           {"_id": first, "imgs": [{"picture": make_jpeg(1, seed=4)}]},  # repeats an earlier _id
+           {"_id": 900010, "imgs": []},
+           {"_id": 900011, "imgs": [{"picture": png.getvalue()}]}]
+    src = tmp_path / "edge.bson"
+    with open(src, "wb") as f:
+        for d in good[:5] + bad[:2] + good[5:9] + bad[2:] + good[9:]:
+            f.write(bson.encode(d))
+    out, r = predict(trained, tmp_path, capsys, bson_path=src)
+    sub = rows(out)
+    # one row per _id, in the file's order: the document without _id and the repeated one have none
+    assert [int(x["_id"]) for x in sub] == [d["_id"] for d in good[:9]] + [900010, 900011] + \
+        [d["_id"] for d in good[9:]]
+    assert len(sub) == len(good) + 2 == 16
+    written = {int(x["_id"]): int(x["category_id"]) for x in sub}
+    # the default fallback: the category predicted most often among the products with images
+    tally = collections.Counter(written[d["_id"]] for d in good).most_common()
+    assert tally[0][0] == major and tally[0][1] > tally[1][1], tally
+    assert written[900010] == written[900011] == major
+    report = rows(str(out).replace(".csv", ".report.csv"))
+    assert [x["_id"] for x in report] == ["900010", "900011", str(first), ""]
+    by_id = {x["_id"]: x for x in report}
+    assert by_id["900010"]["reason"] == "product has no images"
+    assert by_id["900011"]["reason"] == "no readable image: image 0: not a JPEG (PNG image)"
+    assert [int(by_id[k]["category_id_written"]) for k in ("900010", "900011")] == [major, major]
+    assert by_id[str(first)]["reason"].startswith("duplicate _id (first seen at offset ")
+    assert "no second row" in by_id[str(first)]["reason"]
+    assert int(by_id[str(first)]["category_id_written"]) == written[first]
+    assert "_id None is missing" in by_id[""]["reason"] and "no _id, so no row" in by_id[""]["reason"]
+    assert "2 without a readable image" in r.stdout and "1 documents had no _id" in r.stdout
+    assert "1 documents repeat an earlier document's _id" in r.stdout
+
+
 def test_unknown_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     from tools import predict as cli
 
@@ -273,6 +324,31 @@ def test_tiled_models_blend_half_and_half_by_hand(trained, small, tmp_path, caps
         img = a.product(pics)
         want = (img + b.tiled(pics)) / 2 if len(pics) in (2, 4) else img
         np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_products_with_more_than_four_images_use_all_images_and_the_tiled_model_of_four(trained, small, tmp_path,
+                                                                                         capsys):
+    from tools import repack
+
+    uint8 = _loader_dtype(small, trained["ckpt"]) == torch.uint8
+    a, b = Hand(trained["ckpt"], uint8), Hand(small["other"], uint8)
+    by_n = {}
+    for p in small["pics"]:
+        by_n.setdefault(len(p), p)
+    products = [by_n[2], by_n[4] + by_n[2], by_n[4], by_n[3] + by_n[2], by_n[1]]  # 2, 6, 4, 5 and 1 images
+    with open(tmp_path / "many.bson", "wb") as f:
+        for i, pics in enumerate(products):
+            f.write(bson.encode({"_id": 800 + i, "imgs": [{"picture": p} for p in pics]}))
+    assert repack.main(["--bson", str(tmp_path / "many.bson"), "--unlabelled", "--out", str(tmp_path / "M"),
+                        "--quiet"]) == 0
+    many = {"data": tmp_path / "M", "ids": [800 + i for i in range(len(products))]}
+    _, pt = predict_small(many, tmp_path, capsys, "many", "--tiled", f"4={small['other']}", "--batch", "4",
+                          ckpt=trained["ckpt"])
+    for pics, got in zip(products, pt):
+        img = a.product(pics)  # every image of the product
+        want = (img + b.tiled(pics[:4])) / 2 if len(pics) >= 4 else img
+        np.testing.assert_allclose(got, want, atol=2e-3)
+    assert np.abs(a.product(products[1]) - a.product(products[1][:4])).max() > 0.01  # the 5th and 6th count
 
 
 # ---- duplicate lookup --------------------------------------------------------------------------------------

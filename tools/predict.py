@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     print(f"  data wait {100 * s['data_wait_share']:.0f}% of the prediction loop")
     if s["no_id"]:
         print(f"  {s['no_id']} documents had no _id and get no row; see {s['report']}")
+    if s["repeated_id"]:
+        print(f"  {s['repeated_id']} documents repeat an earlier document's _id and get no second row; see "
+              f"{s['report']}")
     if "accuracy" in s:
         print(f"  product-level accuracy against {a.labels}: {s['accuracy']:.4f}")
     return 0

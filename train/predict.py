@@ -98,6 +98,8 @@ class Rows:
     written_rows: np.ndarray  # row of the n-th written product (shard order == file order)
     reasons: Dict[int, str] = field(default_factory=dict)  # row -> why it has no image prediction
     no_id: List[dict] = field(default_factory=list)  # quarantined documents without an id: no row possible
+    # documents that repeat an earlier document's _id: (id, the first one's row, reason); no second row
+    repeated: List[Tuple[int, int, str]] = field(default_factory=list)
 
 
 def read_rows(data: str) -> Rows:
@@ -119,10 +121,20 @@ def read_rows(data: str) -> Rows:
             quarantined[off] = (pid, f"{why.split(' (')[0]}: {'; '.join(image_reasons[off])}")
     entries = [(o, pid, None) for o, pid in written] + [(o, pid, why) for o, (pid, why) in quarantined.items()]
     entries.sort(key=lambda e: e[0])
+    # One row per _id: a quarantined document with the id of an earlier one (repack keeps the first) gets none.
+    first_row: Dict[int, int] = {}
+    kept, repeated = [], []
+    for e in entries:
+        if e[2] is not None and e[1] in first_row:
+            repeated.append((e[1], first_row[e[1]], e[2]))
+        else:
+            first_row.setdefault(e[1], len(kept))
+            kept.append(e)
+    entries = kept
     ids = np.array([e[1] for e in entries], np.int64)
     written_rows = np.array([i for i, e in enumerate(entries) if e[2] is None], np.int64)
     reasons = {i: e[2] for i, e in enumerate(entries) if e[2] is not None}
-    return Rows(ids, written_rows, reasons, no_id)
+    return Rows(ids, written_rows, reasons, no_id, repeated)
 
 
 # ---- the per-batch pieces (tools.bench times them too) --------------------------------------------------
@@ -414,6 +426,7 @@ def predict(data: str, members: List[Member], out: str, *, tta: str = "none", ti
     why = {r: (w, int(cat_arr[fb_index])) for r, w in rows.reasons.items()}
     why.update({r: (w, int(cat_arr[c])) for r, (c, w) in duplicates.items()})
     report = [(int(rows.ids[r]), w, c) for r, (w, c) in sorted(why.items())]
+    report += [(pid, f"{w}: no second row for this _id", int(cat_arr[pred[r]])) for pid, r, w in rows.repeated]
     report += [("", f"{r['reason']} (at offset {r['offset']}; no _id, so no row)", "") for r in rows.no_id]
     atomic_write_text(report_path, csv_text(["_id", "reason", "category_id_written"], report))
     if probs_out is not None:
@@ -429,6 +442,7 @@ def predict(data: str, members: List[Member], out: str, *, tta: str = "none", ti
         atomic_write_text(os.path.splitext(out)[0] + f".top{k}.csv", csv_text(header, body))
     images = ds.manifest["splits"]["test"]["images"]
     summary = {"products": n, "predicted": done, "fallback": len(rows.reasons), "no_id": len(rows.no_id),
+               "repeated_id": len(rows.repeated),
                "duplicates": len(duplicates), "images": images, "seconds": time.perf_counter() - t_start,
                "loader_build_seconds": build_s, "loop_seconds": loop_s,
                "data_wait_share": wait[0] / max(loop_s, 1e-9), "flip_one_pass": scorer.one_pass,
