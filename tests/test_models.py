@@ -417,20 +417,22 @@ def test_channels_last_and_compile_match_eager(tmp_path):
 # --- GPU: torch.compile (inductor) + channels_last + bf16 autocast ----------------------------------------------
 
 def _compile_check(name):
-    """One compiled bf16 channels_last training step on uint8 pixels: finite loss and gradients, and the
-    compiled forward close to the eager one (same train-mode batch statistics, both under autocast)."""
+    """One compiled bf16 channels_last training step on uint8 pixels (finite loss and gradients), then the
+    compiled forward against the eager one in eval mode, both under autocast. Eval mode: in train mode the
+    head's BatchNorm1d normalizes 8 near-identical features of a freshly initialized trunk, which turns bf16
+    rounding into differences of order one (seen on inception_v4, 1.16 relative L2), whatever the compiler."""
     torch.manual_seed(0)
     model = create_model(name, C).cuda().to(memory_format=CL)
     compiled = torch.compile(model)
     x = torch.randint(0, 256, (8, 160, 160, 3), dtype=torch.uint8, device="cuda")
     y = torch.arange(8, device="cuda") % C
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = compiled(x)
-        with torch.no_grad():
-            ref = model(x)
-        loss = F.cross_entropy(out.float(), y)
+        loss = F.cross_entropy(compiled(x).float(), y)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out, ref = compiled(x), model(x)
     rel = float((out.float() - ref.float()).norm() / ref.float().norm())
     assert rel < 0.05, f"{name}: compiled vs eager logits differ by {rel:.3f} (relative L2)"
 
