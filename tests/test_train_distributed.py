@@ -79,12 +79,14 @@ def test_resume_with_another_process_count(data_dir, tmp_path):
     assert [r["step"] for r in val] == [round(5 * spe2 / spe1), spe2, 2 * spe2]
     assert [r["product_acc"] for r in val[:2]] == [r["product_acc"] for r in val1]
     # ... and every record's step is in the new unit: step / spe2 is its epoch (train records of the first
-    # part were logged every 4 of its steps, so they round to the nearest new step)
+    # part were logged every 4 of its steps, so they round to the nearest new step; epochs are written with 4
+    # decimals)
     for r in recs:
         if "epoch" in r:
-            assert abs(r["step"] / spe2 - r["epoch"]) <= 0.5 / spe2 + 1e-9, r
-    steps = [r["step"] for r in recs if r["kind"] == "train"]
-    assert steps == sorted(steps) and len(steps) == len(set(steps))
+            assert abs(r["step"] / spe2 - r["epoch"]) <= 0.5 / spe2 + 1e-4, r
+    # in order, and no record twice (two old steps may round to one new step: epochs tell them apart)
+    train = [(r["step"], r["epoch"]) for r in recs if r["kind"] == "train"]
+    assert train == sorted(train) and len(train) == len({e for _, e in train})
     best = ck["best"]
     assert best["step"] in (spe2, 2 * spe2) and best["metric"] == max(r["product_acc"] for r in val)
 
