@@ -185,7 +185,7 @@ def test_ddp_two_processes_disjoint_data_identical_parameters(data_dir, tmp_path
     out, run = tmp_path / "ddp.json", tmp_path / "run"
     steps, batch = 6, 4
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(probe), str(data_dir), str(run), str(out), "data.crop=180", f"data.batch_size={batch}",
+                        str(probe), str(data_dir), str(run), str(out), "data.image_size=180", "data.crop=180", f"data.batch_size={batch}",
                         "data.num_threads=1", f"train.max_steps={steps}", "train.log_every=1",
                         "train.ckpt_every_steps=3", "train.tensorboard=false", "early_stop.after_epoch=null"],
                        cwd=ROOT, env=env(threads=1), capture_output=True, text=True, timeout=600)
