@@ -5,7 +5,7 @@ import csv
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .records import MANIFEST
 
@@ -54,6 +54,22 @@ class Dataset:
 
     def num_records(self, split: str, k: int = 0) -> int:
         return sum(i["records"] for i in self.shard_infos(split, k))
+
+    def picture_sizes(self, split: str) -> Optional[Dict[str, int]]:
+        """``{"WxH": pictures, ..., "other": pictures}`` of the JPEG frames written to ``split`` (its product
+        shards hold some of the same pictures), as the repack recorded them; None where it did not (a DATA
+        directory from before the field)."""
+        sizes = self.manifest.get("splits", {}).get(split, {}).get("picture_sizes")
+        return dict(sizes) if isinstance(sizes, dict) else None
+
+    def all_square(self, split: str, side: int) -> bool:
+        """True when the manifest says that every picture of ``split`` is ``side`` x ``side``: after EXIF
+        orientation it still is, so the loader needs no per-picture size check. False when some picture has
+        another size, or the manifest does not say (or its sizes do not add up to the split's pictures)."""
+        sizes = self.picture_sizes(split)
+        if sizes is None or sum(sizes.values()) != self.manifest["splits"].get(split, {}).get("images"):
+            return False
+        return set(k for k, n in sizes.items() if n) <= {f"{side}x{side}"}
 
 
 def check_index(path: str, idx_path: str, records: int, nbytes: int) -> None:

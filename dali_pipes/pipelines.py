@@ -10,9 +10,11 @@ Per picture: decode the whole JPEG (EXIF orientation applied), resize it so that
 ``data.image_size`` (aspect ratio kept) where it is not already, then one ``crop_mirror_normalize`` cuts the
 window and mirrors it, staying uint8 HWC: the output is 1 byte per value, and the normalization to the
 model's mean, std and dtype runs on the training device inside the model (``models.heads.Net``). The resize
-is a per-sample conditional, so pictures of the right size (all of the Cdiscount data) skip it. A
-region-of-interest decode (``decoders.image_crop``) measured about 30% slower on the CPU for 180x180 JPEGs
-than the whole decode, and the hardware decoder works on whole images.
+is a per-sample conditional, so pictures of the right size skip it; where the repack's manifest says that
+every picture of the split is already ``image_size`` x ``image_size`` (all of the Cdiscount data), the loader
+builds the graph without the check and its conditional (``resize_check=False``). A region-of-interest decode
+(``decoders.image_crop``) measured about 30% slower on the CPU for 180x180 JPEGs than the whole decode, and
+the hardware decoder works on whole images.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _fit(img, side: int):
 
 
 def _picture(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, image_size: int,
-             hw_decoder_load: float):
+             hw_decoder_load: float, resize_check: bool):
     """Decode one JPEG per sample and return (uint8 HWC picture, crop_x, crop_y, mirror)."""
     if train:
         # Seeded from the pipeline seed; DALI checkpoints their generator state, so a resumed run draws the
@@ -54,9 +56,10 @@ def _picture(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, i
     gpu_args = dict(hw_decoder_load=hw_decoder_load, preallocate_width_hint=image_size,
                     preallocate_height_hint=image_size) if decode_device == "mixed" else {}
     img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **gpu_args)
-    img = _fit(img, image_size)
-    # After _fit both sides are >= image_size >= size, so the window always fits; "pad" only guards a
-    # rounding corner case (zeros instead of a stopped run).
+    if resize_check:
+        img = _fit(img, image_size)
+    # After _fit (or with every picture image_size square) both sides are >= image_size >= size, so the
+    # window always fits; "pad" only guards a rounding corner case (zeros instead of a stopped run).
     out = fn.crop_mirror_normalize(img, crop=(size, size), crop_pos_x=px, crop_pos_y=py, mirror=mirror,
                                    dtype=types.UINT8, output_layout="HWC", out_of_bounds_policy="pad")
     return out, px, py, mirror
@@ -72,7 +75,7 @@ def _tile(tiles, k: int):
 
 
 def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, image_size, shard_id, num_shards,
-           initial_fill, hw_decoder_load, with_params):
+           initial_fill, hw_decoder_load, with_params, resize_check):
     schema = records.product_features(tiled_k) if tiled_k else records.IMAGE_FEATURES
     r = fn.readers.tfrecord(
         path=list(paths), index_path=list(index_paths), features=records.dali_features(schema), name=READER,
@@ -85,7 +88,7 @@ def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, ima
         stick_to_shard=not train)
     names = [f"image_{i}" for i in range(tiled_k)] if tiled_k else ["image"]
     parts = [_picture(r[n], decode_device=decode_device, train=train, flip=flip, size=size, image_size=image_size,
-                      hw_decoder_load=hw_decoder_load)
+                      hw_decoder_load=hw_decoder_load, resize_check=resize_check)
              for n in names]
     images = _tile([p[0] for p in parts], tiled_k) if tiled_k else parts[0][0]
     labels = r["label"].gpu() if decode_device == "mixed" else r["label"]
@@ -99,6 +102,7 @@ def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, ima
 
 
 _pipeline = pipeline_def(_graph, enable_conditionals=True)
+_pipeline_no_check = pipeline_def(_graph)  # resize_check=False: no conditional anywhere in the graph
 
 
 def output_names(tiled_k: int, with_params: bool = False):
@@ -108,7 +112,8 @@ def output_names(tiled_k: int, with_params: bool = False):
 
 def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequence[str], train: bool,
                    flip: bool = False, device_id: Optional[int] = None, seed: Optional[int] = None,
-                   shard_id: int = 0, num_shards: int = 1, checkpoint=None, with_params: bool = False):
+                   shard_id: int = 0, num_shards: int = 1, checkpoint=None, with_params: bool = False,
+                   resize_check: bool = True):
     """A built pipeline yielding ``output_names(cfg.tiled_k, with_params)``; images are uint8 ``(H, W, 3)``
     per sample, ``cfg.picture_hw(train)``.
 
@@ -118,7 +123,10 @@ def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequen
     ``paths``/``index_paths``: the shards of one split. ``train``: shuffle, random crop position and random
     flip; otherwise centre crop (or the whole image with ``eval_crop=False``) and ``flip`` mirrors every
     image (TTA). ``shard_id``/``num_shards``: this rank's part. ``checkpoint``: a ``pipeline.checkpoint()`` /
-    iterator checkpoint to resume from. ``with_params`` (train, for tests) adds the random draws."""
+    iterator checkpoint to resume from. ``with_params`` (train, for tests) adds the random draws.
+    ``resize_check=False`` leaves the per-picture size check and its resize out of the graph: only for shards
+    whose every picture is ``image_size`` x ``image_size`` (``Dataset.all_square``), others would be cropped or
+    padded instead of resized. ``has_resize_check(pipe)`` tells which graph a pipeline runs."""
     if cfg.backend not in ("dali-cpu", "dali-gpu"):
         raise ValueError(f"build_pipeline: data.backend must be dali-cpu or dali-gpu, not {cfg.backend!r}")
     gpu = cfg.backend == "dali-gpu"
@@ -126,11 +134,11 @@ def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequen
         raise ValueError("with_params reads back random draws: train pipelines only")
     if gpu and device_id is None:
         raise ValueError("data.backend=dali-gpu needs a CUDA device_id")
-    pipe = _pipeline(
+    pipe = (_pipeline if resize_check else _pipeline_no_check)(
         paths=paths, index_paths=index_paths, tiled_k=cfg.tiled_k, train=train, flip=flip,
         decode_device="mixed" if gpu else "cpu", size=cfg.picture_side(train), image_size=cfg.image_size,
         shard_id=shard_id, num_shards=num_shards, initial_fill=cfg.initial_fill,
-        hw_decoder_load=cfg.hw_decoder_load, with_params=with_params,
+        hw_decoder_load=cfg.hw_decoder_load, with_params=with_params, resize_check=resize_check,
         batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id if gpu else None,
         seed=cfg.seed if seed is None else seed, prefetch_queue_depth=cfg.prefetch,
         # The dynamic executor hands outputs to torch without a copy (DLPack); checkpointing records the
@@ -138,3 +146,8 @@ def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequen
         exec_dynamic=True, enable_checkpointing=True, checkpoint=checkpoint)
     pipe.build()
     return pipe
+
+
+def has_resize_check(pipe) -> bool:
+    """Whether a built pipeline's graph holds a resize (``_fit``'s), read from its serialized graph."""
+    return b"Resize" in pipe.serialize()

@@ -436,3 +436,44 @@ def test_dali_gpu_train_layouts_and_resume(data_dir):
     b, _ = build_loader(cfg, 0, 1, "train", device=dev, state=_roundtrip(a.state()))
     got += [_fingerprint((x.float().cpu(), y.cpu())) for x, y in b]
     assert got == ref  # resumed mid-epoch on the GPU: the same samples, crops and flips
+
+
+# ---- the per-picture resize check: only in the graph where a picture may need it ----------------------------
+def _graph_has_resize(loader) -> bool:
+    """Read from the DALI graph itself: a Resize operator and the conditional's split (an if on the shape)."""
+    ser = loader.pipe.serialize()
+    resize, split = b"Resize" in ser, b"__Split_" in ser
+    assert resize == split  # the resize is there exactly when its conditional is
+    return resize
+
+
+def test_all_square_data_builds_no_resize_check(data_dir):
+    """The synthetic pictures are all 180x180 and the manifest says so: no check, no conditional, for the image
+    and the product splits; a loader that resizes to another image_size (the demo recipe's 96) keeps it."""
+    from dali_pipes.pipelines import has_resize_check
+
+    m = open_dataset(str(data_dir)).manifest
+    assert [m["splits"][s]["picture_sizes"] for s in ("train", "val")] == [
+        {"180x180": m["splits"][s]["images"]} for s in ("train", "val")]
+    for split, kw in (("train", {}), ("val", {}), ("train", {"tiled_k": 2})):
+        loader, _ = build_loader(_cfg(data_dir, **kw), 0, 1, split)
+        assert not loader.resize_check and not _graph_has_resize(loader) and not has_resize_check(loader.pipe)
+        assert next(iter(loader))[0].shape[1:3] == (160, 160 * (kw.get("tiled_k") or 1))
+    loader, _ = build_loader(_cfg(data_dir, image_size=96, crop=80), 0, 1, "train")
+    assert loader.resize_check and _graph_has_resize(loader) and has_resize_check(loader.pipe)
+    assert next(iter(loader))[0].shape[1:3] == (80, 80)
+
+
+def test_manifest_without_picture_sizes_keeps_the_resize_check(data_copy):
+    """A DATA directory from before the field (or with sizes that do not add up) keeps the check."""
+    import json
+
+    mpath = data_copy / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["splits"]["train"]["picture_sizes"] = {"180x180": m["splits"]["train"]["images"] - 1}
+    del m["splits"]["val"]["picture_sizes"]
+    mpath.write_text(json.dumps(m))
+    for split in ("train", "val"):
+        loader, _ = build_loader(_cfg(data_copy), 0, 1, split)
+        assert loader.resize_check and _graph_has_resize(loader)
+        assert next(iter(loader))[0].shape[1:3] == (160, 160)

@@ -284,3 +284,17 @@ def test_odd_sizes_on_the_gpu(odd_ds, eval_crop):
         diff = np.abs(_pixels(out["images"][i]) - want)
         # nvJPEG upsamples chroma unlike libjpeg-turbo; on these smooth pictures that is a level or two
         assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 8, (pid, index, diff.mean(), diff.max())
+
+
+def test_odd_sizes_through_the_loader(odd_ds):
+    """The repack records the odd sizes in the manifest, so the loader keeps the resize check and resizes."""
+    from dali_pipes.loader import build_loader
+
+    assert odd_ds.picture_sizes("train") == {"120x180": 3, "400x300": 2, "180x180": 1, "1x1": 1, "800x600": 1}
+    cfg = DataConfig(path=odd_ds.root, backend="dali-cpu", batch_size=4, num_threads=2, image_size=180, crop=160)
+    loader, steps = build_loader(cfg, 0, 1, "train", augment=False)
+    assert loader.resize_check and steps == 2
+    for images, _, meta in loader:
+        for img, pid, index in zip(images.numpy(), meta["product_id"].tolist(), meta["image_index"].tolist()):
+            want = _window(_resized_ref(ODD[pid][index]), 0.5, 0.5, False, 160)
+            assert np.abs(_pixels(img) - want).mean() < 0.5, (pid, index)

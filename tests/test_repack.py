@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import bson
 import numpy as np
@@ -467,3 +468,52 @@ def test_val_split_is_splitmix64_of_the_id():
         assert [is_val(i, frac) for i in ids] == [in_val(i, frac) for i in ids], frac
     assert 0.09 < sum(in_val(i, 0.1) for i in range(20000)) / 20000 < 0.11
     assert not any(is_val(i, 0.0) for i in range(1000))
+
+
+# ---- picture sizes in the manifest ---------------------------------------------------------------------------
+def sized_jpeg(w: int, h: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_manifest_records_the_picture_sizes_per_split(tmp_path):
+    """Each split's "picture_sizes" counts its written pictures by frame size (width x height, as PIL reads
+    them); quarantined pictures are not counted; one chunk per product, merged over two workers."""
+    shapes = [(180, 180), (120, 90), (90, 120), (1, 1), (180, 180), (640, 480)]
+    docs = [{"_id": i, "category_id": CAT0, "imgs": [{"picture": sized_jpeg(*shapes[(i + j) % len(shapes)], 10 * i + j)}
+                                                   for j in range(1 + i % 3)]} for i in range(24)]
+    docs[5]["imgs"].append({"picture": png()})  # quarantined: not in the counts
+    want = {"train": {}, "val": {}}
+    for d in docs:
+        split = "val" if in_val(d["_id"], 0.3) else "train"
+        for img in d["imgs"]:
+            pic = Image.open(io.BytesIO(img["picture"]))
+            if pic.format == "JPEG":
+                key = f"{pic.size[0]}x{pic.size[1]}"
+                want[split][key] = want[split].get(key, 0) + 1
+    assert want["train"] and want["val"]
+    out, m, q = run_repack(tmp_path, docs, val_fraction=0.3, workers=2, shard_size_mb=0.002)
+    for split in ("train", "val"):
+        got = m["splits"][split]["picture_sizes"]
+        assert got == want[split] and sum(got.values()) == m["splits"][split]["images"], split
+        counts = list(got.values())
+        assert counts == sorted(counts, reverse=True)  # most common first
+    assert open_dataset(out).picture_sizes("train") == want["train"]
+
+
+def test_manifest_picture_sizes_are_bounded(tmp_path, monkeypatch):
+    """Beyond PICTURE_SIZES distinct sizes the rarest are counted as "other", and a chunk keeps at most
+    _CHUNK_SIZES of its own; the counts still add up to the split's pictures."""
+    from dali_pipes.writer import repack as rp
+
+    monkeypatch.setattr(rp, "PICTURE_SIZES", 2)
+    monkeypatch.setattr(rp, "_CHUNK_SIZES", 3)
+    # One chunk: its counter is full after 10x10, 20x10 and 30x10, so the four 40x10 count as other there;
+    # of the rest the two most common (ties by size) are kept.
+    shapes = [(10, 10), (20, 10), (30, 10)] + [(40, 10)] * 4 + [(10, 10)] * 2
+    docs = [{"_id": i, "category_id": CAT0, "imgs": [{"picture": sized_jpeg(w, h, i)}]} for i, (w, h) in
+            enumerate(shapes)]
+    out, m, _ = run_repack(tmp_path, docs, val_fraction=0.0, workers=1)
+    assert m["splits"]["train"]["picture_sizes"] == {"10x10": 3, "20x10": 1, "other": 5}
+    assert rp.picture_sizes(Counter({(20, 20): 1, (9, 9): 2, "other": 4}), 1) == {"9x9": 2, "other": 5}

@@ -43,14 +43,20 @@ def check_header(data: bytes, max_side: int = DEFAULT_MAX_SIDE) -> Optional[str]
     scan, and an end-of-image marker after the scan data (a cut-off download lacks it; bytes after the marker,
     as phones and upload tools append, are allowed: every decoder ignores them). Costs a few dozen byte
     reads, or a memcmp for a header seen before."""
+    return header_info(data, max_side)[0]
+
+
+def header_info(data: bytes, max_side: int = DEFAULT_MAX_SIDE) -> Tuple[Optional[str], Tuple[int, int]]:
+    """``(check_header's reason, (width, height) of the frame)``; the size is (0, 0) when the header does not
+    parse. The frame's size is the stored one, before any EXIF orientation."""
     for head, size in _RECENT_HEADERS:
         if data.startswith(head):
-            return _check_size(size, max_side) or _check_end(data, len(head))
+            return _check_size(size, max_side) or _check_end(data, len(head)), size
     head = _known_header(data)
     if head is None:
         reason, header_end, size = _walk_markers(data)
         if reason is not None:
-            return reason
+            return reason, size
         head = bytes(data[:header_end])
         if len(_GOOD_HEADERS) < _MAX_GOOD_HEADERS:
             _GOOD_HEADERS[head] = size
@@ -58,7 +64,7 @@ def check_header(data: bytes, max_side: int = DEFAULT_MAX_SIDE) -> Optional[str]
         size = _GOOD_HEADERS[head]
     _RECENT_HEADERS.insert(0, (head, size))
     del _RECENT_HEADERS[_MAX_RECENT:]
-    return _check_size(size, max_side) or _check_end(data, len(head))
+    return _check_size(size, max_side) or _check_end(data, len(head)), size
 
 
 def _known_header(data: bytes) -> Optional[bytes]:
@@ -139,9 +145,18 @@ def _walk_markers(data: bytes) -> Tuple[Optional[str], int, Tuple[int, int]]:
 def check_decode(data: bytes, max_side: int = DEFAULT_MAX_SIDE) -> Optional[str]:
     """The header checks, then a full decode with libjpeg-turbo in strict mode (corrupt entropy data is an
     error, where the header walk sees nothing wrong)."""
-    reason = check_header(data, max_side)
+    return decode_info(data, max_side)[0]
+
+
+def decode_info(data: bytes, max_side: int = DEFAULT_MAX_SIDE) -> Tuple[Optional[str], Tuple[int, int]]:
+    """``(check_decode's reason, (width, height) of the frame)``, as ``header_info``."""
+    reason, size = header_info(data, max_side)
     if reason:
-        return reason
+        return reason, size
+    return _decode_reason(data), size
+
+
+def _decode_reason(data: bytes) -> Optional[str]:
     try:
         import simplejpeg
 
@@ -163,11 +178,12 @@ def check_decode(data: bytes, max_side: int = DEFAULT_MAX_SIDE) -> Optional[str]
     return None
 
 
-CHECKS = {"header": check_header, "decode": check_decode}
+CHECKS = {"header": header_info, "decode": decode_info}
 
 
-def make_check(verify: str, max_side: int = DEFAULT_MAX_SIDE) -> Callable[[bytes], Optional[str]]:
-    """The check of ``--verify`` (header or decode) with the ``--max-side`` limit: image bytes -> a reason
-    or None."""
+def make_check(verify: str, max_side: int = DEFAULT_MAX_SIDE
+               ) -> Callable[[bytes], Tuple[Optional[str], Tuple[int, int]]]:
+    """The check of ``--verify`` (header or decode) with the ``--max-side`` limit: image bytes -> ``(a reason
+    or None, (width, height) of the JPEG frame)``."""
     check = CHECKS[verify]
     return lambda data: check(data, max_side)

@@ -114,11 +114,18 @@ class ChunkResult:
     quarantine: List[list] = field(default_factory=list)
     order: List[Tuple[int, int, int]] = field(default_factory=list)  # unlabelled: (id, offset, images)
     hashes: Optional[np.ndarray] = None  # HASH_DTYPE rows of the written images (category: class index)
+    sizes: Dict[str, Counter] = field(default_factory=dict)  # split -> Counter of written (width, height)
 
 
 _progress = None  # shared counters (products, bytes) set by the pool initializer
 _exclude: Dict[int, Dict[int, str]] = {}  # --exclude: product id -> {image index: reason}, set likewise
 _PROGRESS_EVERY = 256  # products between updates of the shared counters
+# manifest.json's "picture_sizes" of a split: the most common frame sizes, the rest counted as "other". A chunk
+# keeps at most _CHUNK_SIZES distinct sizes (the rest go to "other" there already), so memory stays bounded
+# on catalogues where nearly every picture has its own size.
+PICTURE_SIZES = 32
+_CHUNK_SIZES = 1024
+OTHER_SIZES = "other"
 _READ_BLOCK = 4 << 20  # BSON bytes read at a time into one reused buffer
 
 
@@ -295,16 +302,18 @@ def _read_product(st: Settings, check, res: ChunkResult, off: int, dup: int, doc
         return None
     good: List[int] = []
     pics: List[bytes] = []
+    sizes: List[Tuple[int, int]] = []  # (width, height) of each good picture's frame
     excluded = _exclude.get(pid) if _exclude else None
     n_excluded = 0
     for j, img in enumerate(imgs):
         pic = img.get("picture") if isinstance(img, dict) else None
+        size = None
         if not isinstance(pic, (bytes, bytearray)):
             reason = "image entry has no 'picture' bytes"
         elif len(pic) > st.max_image_bytes:
             reason = f"image of {len(pic)} bytes exceeds the {st.max_image_bytes}-byte limit"
         else:
-            reason = check(pic)
+            reason, size = check(pic)
         if not reason and excluded is not None and j in excluded:
             reason = excluded[j]
             res.counts["images_excluded"] += 1
@@ -315,11 +324,34 @@ def _read_product(st: Settings, check, res: ChunkResult, off: int, dup: int, doc
         else:
             good.append(j)
             pics.append(pic if type(pic) is bytes else bytes(pic))
+            sizes.append(size)
     if not good:
         _quarantine(res, pid, off, "", "all its images are excluded (see the image rows)" if n_excluded == n_imgs
                     else "no readable image (see the image rows)")
         return None
-    return pid, label, good, pics
+    return pid, label, good, pics, sizes
+
+
+def _count_sizes(counter: Counter, sizes: List[Tuple[int, int]]) -> None:
+    if len(counter) < _CHUNK_SIZES:
+        counter.update(sizes)
+    else:  # full: known sizes still count as themselves
+        for s in sizes:
+            counter[s if s in counter else OTHER_SIZES] += 1
+
+
+def picture_sizes(counter: Counter, limit: Optional[int] = None) -> Dict[str, int]:
+    """A split's manifest entry: ``{"WxH": pictures}`` of the ``limit`` (``PICTURE_SIZES``) most common frame
+    sizes (most common first, ties by size), plus ``"other": pictures`` of all the other sizes when there are
+    any."""
+    limit = PICTURE_SIZES if limit is None else limit
+    other = counter.get(OTHER_SIZES, 0)
+    known = sorted(((n, s) for s, n in counter.items() if s != OTHER_SIZES), key=lambda t: (-t[0], t[1]))
+    out = {f"{w}x{h}": n for n, (w, h) in known[:limit]}
+    other += sum(n for n, _ in known[limit:])
+    if other:
+        out[OTHER_SIZES] = other
+    return out
 
 
 def _process_chunk(args) -> ChunkResult:
@@ -343,7 +375,7 @@ def _process_chunk(args) -> ChunkResult:
             got = _read_product(st, check, res, off, dup, doc)
             if got is None:
                 continue
-            pid, label, good, pics = got
+            pid, label, good, pics, sizes = got
             k = len(good)
             if val is None:
                 split = "test"
@@ -354,6 +386,7 @@ def _process_chunk(args) -> ChunkResult:
             ints = lab + int_feature("product_id", pid)
             write_one = (writers.images.get(split) or writers.image_writer(split)).write_one
             positions = _position_ints(k, good[-1] + 1)
+            _count_sizes(res.sizes.get(split) or res.sizes.setdefault(split, Counter()), sizes)
             for j, pic in zip(good, pics):
                 write_one(pic, ints + positions[j])
             digests.extend(map(image_hash, pics))
@@ -468,8 +501,11 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
     counts: Counter = Counter()
     shards: Dict[str, List[dict]] = {}
     qrows: List[list] = []
+    sizes: Dict[str, Counter] = {}
     for r in results:
         counts.update(r.counts)
+        for split, c in r.sizes.items():
+            sizes.setdefault(split, Counter()).update(c)
         qrows.extend(r.quarantine)
         for group, infos in r.shards.items():
             shards.setdefault(group, []).extend(infos)
@@ -505,6 +541,7 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
         "labelled": not unlabelled,
         "num_classes": len(cats),
         "splits": {s: {"products": counts[f"{s}_products"], "images": counts[f"{s}_images"],
+                       "picture_sizes": picture_sizes(sizes.get(s, Counter())),
                        "shards": shards.get(s, [])} for s in split_names},
         "products_k": {str(k): {s: {"products": counts[f"k{k}_{s}"], "shards": shards.get(f"products/k{k}/{s}", [])}
                                 for s in split_names} for k in range(1, MAX_K + 1)},
