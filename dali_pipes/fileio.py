@@ -28,10 +28,6 @@ def temp_path_for(path: str) -> str:
     return tmp
 
 
-def is_temp_name(name: str) -> bool:
-    return name.startswith(".") and name.endswith(TMP_SUFFIX)
-
-
 def fsync_dir(path: str) -> None:
     """Make a rename in ``path`` durable (best effort: some file systems refuse a directory fsync)."""
     try:

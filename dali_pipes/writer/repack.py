@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import bson
 import numpy as np
 
-from ..fileio import Progress, atomic_open, atomic_write_text, csv_text, is_temp_name
+from ..fileio import Progress, atomic_open, atomic_write_text, csv_text
 from ..records import FORMAT_VERSION, IMAGE_FEATURES, MANIFEST, MAX_K, product_features
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
 from .exclude import ExcludeError, read_exclude
@@ -418,7 +418,7 @@ def _prepare_out(out: str, overwrite: bool) -> None:
         os.remove(manifest)  # first: a crash from here on leaves no manifest, i.e. no dataset
     for name in os.listdir(out):
         p = os.path.join(out, name)
-        if name in _OWNED or is_temp_name(name) or ".tmp" in name:
+        if name in _OWNED or ".tmp" in name:  # atomic writes' temporaries, of this version or older ones
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
