@@ -9,8 +9,9 @@ just those rows. Memory: one batch of sums and two rows of ``num_classes`` per r
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,14 +35,13 @@ class _ProductSums:
         self.first: Optional[Tuple[int, torch.Tensor, torch.Tensor]] = None
         self.started = False
 
-    def add(self, product_ids: List[int], probs: torch.Tensor, labels: torch.Tensor) -> None:
-        if not product_ids:
+    def add(self, product_ids, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """``product_ids``: the batch's ids (a tensor or a sequence of ints), in loader order."""
+        ids, _, starts, sums = product_runs(product_ids, probs.float())
+        if not len(ids):
             return
-        starts = [0] + [i for i in range(1, len(product_ids)) if product_ids[i] != product_ids[i - 1]]
-        group = torch.tensor(_group_index(starts, len(product_ids)), device=probs.device)
-        sums = torch.zeros(len(starts), probs.shape[1], device=probs.device).index_add_(0, group, probs.float())
-        glabels = labels[torch.tensor(starts, device=labels.device)]
-        ids = [product_ids[i] for i in starts]
+        glabels = labels[torch.from_numpy(starts).to(labels.device)]
+        ids = ids.tolist()
         if self.open is not None:
             pid, row, label = self.open
             if ids[0] == pid:
@@ -82,12 +82,20 @@ class _ProductSums:
         return all_reduce(counts, d)
 
 
-def _group_index(starts: List[int], n: int) -> List[int]:
-    """The run number of each of ``n`` images, given the runs' first positions."""
-    out = []
-    for g, (a, b) in enumerate(zip(starts, starts[1:] + [n])):
-        out += [g] * (b - a)
-    return out
+def product_runs(product_ids, probs: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+    """The runs of equal consecutive product ids in one batch (a product's images come one after another):
+    ``(ids, image counts, first positions)`` on the host and the runs' probability sums ``(runs, C)`` on
+    ``probs``' device, from one ``index_add_`` (no Python step per image). Shared by validation and predict."""
+    pids = torch.as_tensor(product_ids, dtype=torch.int64).view(-1).cpu()
+    if pids.numel() == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, probs[:0]
+    ids, counts = torch.unique_consecutive(pids, return_counts=True)
+    run = torch.repeat_interleave(torch.arange(len(ids)), counts).to(probs.device, non_blocking=True)
+    sums = probs.new_zeros(len(ids), probs.shape[1]).index_add_(0, run, probs)
+    counts = counts.numpy().astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return ids.numpy(), counts, starts, sums
 
 
 @torch.no_grad()
@@ -112,14 +120,13 @@ def evaluate(model: torch.nn.Module, loader, d: Dist, num_classes: int, autocast
             logits = model(images, aux=True) if levels else model(images)
         if levels:
             logits, aux = logits
-            pids = meta["product_id"].view(-1).tolist()
             for (_, index, sums), head in zip(levels, aux):
-                sums.add(pids, head.float().softmax(1), index[labels])
+                sums.add(meta["product_id"], head.float().softmax(1), index[labels])
         logits = logits.float()
         totals[0] += F.cross_entropy(logits, labels, reduction="sum")
         totals[1] += (logits.argmax(1) == labels).sum()
         totals[2] += labels.numel()
-        products.add(meta["product_id"].view(-1).tolist(), logits.softmax(1), labels)
+        products.add(meta["product_id"], logits.softmax(1), labels)
     model.train(was_training)
     prod = products.finish(d)
     extra = {f"{name}_acc": sums.finish(d) for name, _, sums in levels}

@@ -37,6 +37,7 @@ from dali_pipes.writer.repack import HASHES_FILE, repack
 from models import create_model, without_aux
 
 from .checkpoint import load as load_checkpoint
+from .evaluate import product_runs
 
 
 class PredictError(RuntimeError):
@@ -210,13 +211,9 @@ class ProductSums:
         self.open_n = 0
 
     def add(self, probs: torch.Tensor, pids: torch.Tensor):
-        pids = pids.view(-1).cpu()
-        if pids.numel() == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), probs[:0]
-        ids, counts = torch.unique_consecutive(pids, return_counts=True)
-        seg = torch.repeat_interleave(torch.arange(len(ids)), counts).to(probs.device, non_blocking=True)
-        sums = probs.new_zeros(len(ids), probs.shape[1]).index_add_(0, seg, probs)
-        ids, counts = ids.numpy(), counts.numpy().astype(np.int64)
+        ids, counts, _, sums = product_runs(pids, probs)
+        if not len(ids):
+            return ids, counts, sums
         if self.open_id is not None:
             if ids[0] == self.open_id:  # the product cut by the previous batch's end goes on here
                 sums[:1] += self.open_sum
