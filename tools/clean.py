@@ -35,7 +35,7 @@ def score_images(data: str, checkpoint: str, *, tta: str = "flip", batch: int = 
                  threads: int = 2, split: str = "train", progress: bool = True) -> dict:
     """Loss of every image of ``split``: arrays ``product_id``, ``image_index``, ``label``, ``loss``, ``pred``
     (class indices), with ``category_ids`` (the class map)."""
-    from dali_pipes.config import DataConfig, drop_legacy_keys
+    from dali_pipes.config import DataConfig, drop_legacy_keys, resolve_backend
     from dali_pipes.dataset import check_class_map, open_dataset
     from dali_pipes.fileio import Progress
     from dali_pipes.loader import build_loader
@@ -43,7 +43,7 @@ def score_images(data: str, checkpoint: str, *, tta: str = "flip", batch: int = 
 
     if tta not in ("flip", "none"):
         raise CleanError(f"--tta must be flip or none, not {tta!r}")
-    backend = backend or ("dali-gpu" if torch.cuda.is_available() else "dali-cpu")
+    backend = resolve_backend(backend)  # the one policy: default and fallback as in train and predict
     device = torch.device("cuda" if backend == "dali-gpu" else "cpu")
     member = load_member(checkpoint, device)
     ds = open_dataset(data)
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scores", help="also write every image's score here (CSV, file order)")
     ap.add_argument("--tta", choices=["flip", "none"], default="flip", help="average over the mirror (default)")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], help="default: dali-gpu where CUDA is")
+    ap.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], help="default: dali-gpu where CUDA is, else dali-cpu (dali-gpu without CUDA falls back, with a note)")
     ap.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     a = ap.parse_args(argv)
