@@ -15,13 +15,15 @@ Backends ``dali-gpu`` (decode and augment on the GPU), ``dali-cpu`` (all on the 
   cfg.picture_hw(train)``: every picture is first resized so that its shorter side is ``cfg.image_size``
   (aspect ratio kept; pictures already that size are untouched), then cropped (and flipped) as above. Where
   the manifest records that every picture of the split is ``cfg.image_size`` square, the graph has no
-  per-picture size check at all (``loader.resize_check`` is False); older DATA directories keep it.
+  per-picture size check at all (``loader.resize_check`` is False); older DATA directories keep it. In that
+  case dali-cpu cuts the window in the JPEG decoder and the loader mirrors the drawn pictures itself
+  (``loader.flips_here``; ``pipelines.apply_flips``, on the GPU when batches go there): same pixels.
   ``cfg.tiled_k`` in 2..4 reads the product shards and tiles the K crops: W x K (K=2, 3) or 2x2. The
   normalization (mean/std of the model's trunk, compute dtype, NCHW channels_last view) is the model's
   first step (``models.heads.Net.prepare_input``), on the training device. Labels: int64 ``(N,)``, -1 for
   unlabelled data. Synthetic batches have the same shapes, layout and dtype.
 * Devices: dali-gpu yields images and labels on the pipeline's GPU; dali-cpu yields CPU tensors, copied
-  to ``device`` if one is given; meta stays on the CPU.
+  to ``device`` if one is given (through page-locked memory to a GPU); meta stays on the CPU.
 
 Last batch. Shards are cut from the split's records as DALI does (rank r reads records
 floor(r*N/W) .. floor((r+1)*N/W)) and padded to equal length with copies of their last record.
@@ -73,13 +75,14 @@ class _Loader:
         self.num_classes = 0
         self.category_ids: List[int] = []
         self.num_records = 0  # records of the split (all ranks)
+        self.graph = None  # DALI loaders: which graph reads the pictures (see DaliLoader)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def _identity(self) -> dict:
         # The backend too: a DALI checkpoint names the graph's operators, and the GPU graph differs.
-        return {"signature": self.cfg.pipeline_signature(), "backend": self.cfg.backend,
+        return {"signature": self.cfg.pipeline_signature(), "backend": self.cfg.backend, "graph": self.graph,
                 "world_size": self.world_size, "rank": self.rank, "split": self.split, "flip": self.flip,
                 "num_records": self.num_records}
 
@@ -93,6 +96,8 @@ class _Loader:
                              f"expected {STATE_VERSION})")
         mine, diffs = self._identity(), []
         for k, v in mine.items():
+            if k == "graph" and k not in state:
+                continue  # a state from before the field: DALI itself tells whether its operators match
             old = state.get(k)
             if k == "signature" and isinstance(old, dict):
                 diffs += [f"data.{f}: saved {old.get(f)!r}, now {v.get(f)!r}" for f in sorted(set(v) | set(old))
@@ -113,7 +118,7 @@ class DaliLoader(_Loader):
                  augment=None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        from .pipelines import READER, build_pipeline, output_names
+        from .pipelines import READER, apply_flips, build_pipeline, crops_in_decoder, output_names
 
         super().__init__(cfg, rank, world_size, split, flip, augment)
         gpu = cfg.backend == "dali-gpu"
@@ -140,8 +145,6 @@ class DaliLoader(_Loader):
         else:
             self.steps_per_epoch = math.ceil(share / cfg.batch_size)
             self.num_samples = share
-        if state is not None:
-            self._check_state(state)
 
         if gpu:
             device = torch.device("cuda") if device is None else torch.device(device)
@@ -153,6 +156,13 @@ class DaliLoader(_Loader):
         self.tiled = bool(cfg.tiled_k)
         # The per-picture size check (a DALI conditional, ~5% of the CPU time) only where a picture may need it.
         self.resize_check = not ds.all_square(split, cfg.image_size)
+        # CPU decode without that check: the decoder cuts the window, _convert mirrors (pipelines.apply_flips).
+        self.flips_here = crops_in_decoder(cfg.backend, self.resize_check)
+        self._apply_flips = apply_flips
+        # Named in the state: a reader checkpoint fits only the graph it was taken from.
+        self.graph = ("decoder-crop" if self.flips_here else "size-check" if self.resize_check else "whole-picture")
+        if state is not None:
+            self._check_state(state)
         try:
             self.pipe = build_pipeline(
                 cfg, paths=paths, index_paths=idxs, train=self.train, flip=flip,
@@ -160,7 +170,7 @@ class DaliLoader(_Loader):
                 shard_id=rank, num_shards=world_size, checkpoint=state["dali"] if state is not None else None,
                 resize_check=self.resize_check)
             self.it = DALIGenericIterator(
-                self.pipe, output_names(cfg.tiled_k), reader_name=READER, auto_reset=True,
+                self.pipe, output_names(cfg.tiled_k, flips=self.flips_here), reader_name=READER, auto_reset=True,
                 last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
         except RuntimeError as e:
             if state is None:
@@ -200,8 +210,15 @@ class DaliLoader(_Loader):
         images = b["images"]
         labels = b["labels"].view(-1)
         if self.device is not None and images.device != self.device:
+            if self.device.type == "cuda":
+                # dali-cpu feeding a GPU: a copy from pageable memory holds the host (non_blocking only works
+                # from page-locked memory), so the trainer could not queue the next step meanwhile; torch's
+                # caching host allocator keeps each page-locked block until its copy is done.
+                images, labels = images.pin_memory(), labels.pin_memory()
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+        if self.flips_here:  # on the CPU before a copy, or on the GPU after it (batched there)
+            self._apply_flips(images, b["flip"], self.cfg.tiled_k)
         if self.train:
             return images, labels
         pids = b["product_id"].view(-1)

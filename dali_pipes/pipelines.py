@@ -6,15 +6,21 @@ decoder where there is one). The only device-specific parts are the decoder's ``
 hardware-decoder arguments) and moving the labels to the GPU; every later operator follows its input's
 device. So the CPU tests run the graph the GPU uses.
 
-Per picture: decode the whole JPEG (EXIF orientation applied), resize it so that its shorter side is
+Per picture: decode the JPEG (EXIF orientation applied), resize it so that its shorter side is
 ``data.image_size`` (aspect ratio kept) where it is not already, then one ``crop_mirror_normalize`` cuts the
 window and mirrors it, staying uint8 HWC: the output is 1 byte per value, and the normalization to the
 model's mean, std and dtype runs on the training device inside the model (``models.heads.Net``). The resize
 is a per-sample conditional, so pictures of the right size skip it; where the repack's manifest says that
 every picture of the split is already ``image_size`` x ``image_size`` (all of the Cdiscount data), the loader
-builds the graph without the check and its conditional (``resize_check=False``). A region-of-interest decode
-(``decoders.image_crop``) measured about 30% slower on the CPU for 180x180 JPEGs than the whole decode, and
-the hardware decoder works on whole images.
+builds the graph without the check and its conditional (``resize_check=False``).
+
+On the CPU, in that all-square case, the window is cut by the decoder itself (``decoders.image_crop``: a
+region-of-interest decode that skips the rows and columns outside it) and the mirror is left to the consumer:
+the graph adds a ``flip`` output (one flag per tile) and ``apply_flips`` mirrors those pictures in torch. DALI's
+CPU crop and mirror operators cost about half a decode per 160x160 picture (a generic per-value kernel); the
+region-of-interest decode costs a few percent more than the whole decode and the torch mirror of a flagged
+picture about 16 us (BENCHMARKS.md). The GPU graph keeps the fused ``crop_mirror_normalize`` (one cheap kernel
+there, and the hardware decoder works on whole images).
 """
 from __future__ import annotations
 
@@ -40,9 +46,16 @@ def _fit(img, side: int):
     return img
 
 
+def crops_in_decoder(backend: str, resize_check: bool) -> bool:
+    """Whether the graph cuts the crop window in the JPEG decoder and leaves the mirror to ``apply_flips``:
+    CPU decoding of pictures that need no resize (a resize must come before the crop)."""
+    return backend == "dali-cpu" and not resize_check
+
+
 def _picture(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, image_size: int,
-             hw_decoder_load: float, resize_check: bool):
-    """Decode one JPEG per sample and return (uint8 HWC picture, crop_x, crop_y, mirror)."""
+             hw_decoder_load: float, resize_check: bool, roi: bool):
+    """Decode one JPEG per sample and return (uint8 HWC picture, crop_x, crop_y, mirror); in the
+    ``crops_in_decoder`` graph (``roi``) the picture is not mirrored yet."""
     if train:
         # Seeded from the pipeline seed; DALI checkpoints their generator state, so a resumed run draws the
         # same crops and flips as an uninterrupted one.
@@ -55,6 +68,12 @@ def _picture(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, i
     # GPU only: the share of JPEGs for the hardware decoder (A100/H100), and its buffers sized up front.
     gpu_args = dict(hw_decoder_load=hw_decoder_load, preallocate_width_hint=image_size,
                     preallocate_height_hint=image_size) if decode_device == "mixed" else {}
+    if roi:
+        if not train:  # a per-sample flag, for the flip output
+            mirror = fn.constant(idata=int(flip), shape=[], dtype=types.INT32)
+        img = fn.decoders.image_crop(jpegs, device="cpu", output_type=types.RGB, crop=(size, size),
+                                     crop_pos_x=px, crop_pos_y=py)
+        return img, px, py, mirror
     img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **gpu_args)
     if resize_check:
         img = _fit(img, image_size)
@@ -74,8 +93,32 @@ def _tile(tiles, k: int):
     return fn.cat(*tiles, axis_name="W")
 
 
+def apply_flips(images, flags, tiled_k: int, batched=None):
+    """Mirror, in place, the pictures (tiles) that the ``crops_in_decoder`` graph left for the consumer:
+    ``images`` a torch uint8 ``(N, H, W, 3)`` batch as ``_tile`` lays it out, ``flags`` its ``flip`` output
+    ``(N, max(1, tiled_k))``. On the CPU one flip per flagged tile (about 16 us for 160x160: cheaper than a
+    pass over the whole batch); on a GPU (``batched``, the default there) one masked pass per tile position,
+    with ``flags`` moved to the images' device. Returns ``images``."""
+    side = images.shape[1] // 2 if tiled_k == 4 else images.shape[1]
+
+    def tile(t):
+        y, x = (side * (t // 2), side * (t % 2)) if tiled_k == 4 else (0, side * t)
+        return (slice(y, y + side), slice(x, x + side))
+
+    if images.is_cuda if batched is None else batched:
+        flags = flags.to(images.device, non_blocking=True).bool()
+        for t in range(flags.shape[1]):
+            region = images[(slice(None),) + tile(t)]
+            region.copy_(region.flip(2).where(flags[:, t].view(-1, 1, 1, 1), region))
+        return images
+    for i, t in flags.nonzero().tolist():
+        view = images[(i,) + tile(t)]
+        view.copy_(view.flip(1))
+    return images
+
+
 def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, image_size, shard_id, num_shards,
-           initial_fill, hw_decoder_load, with_params, resize_check):
+           initial_fill, hw_decoder_load, with_params, resize_check, roi):
     schema = records.product_features(tiled_k) if tiled_k else records.IMAGE_FEATURES
     r = fn.readers.tfrecord(
         path=list(paths), index_path=list(index_paths), features=records.dali_features(schema), name=READER,
@@ -88,13 +131,15 @@ def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, ima
         stick_to_shard=not train)
     names = [f"image_{i}" for i in range(tiled_k)] if tiled_k else ["image"]
     parts = [_picture(r[n], decode_device=decode_device, train=train, flip=flip, size=size, image_size=image_size,
-                      hw_decoder_load=hw_decoder_load, resize_check=resize_check)
+                      hw_decoder_load=hw_decoder_load, resize_check=resize_check, roi=roi)
              for n in names]
     images = _tile([p[0] for p in parts], tiled_k) if tiled_k else parts[0][0]
     labels = r["label"].gpu() if decode_device == "mixed" else r["label"]
     outs = [images, labels, r["product_id"]]
     if not tiled_k:
         outs.append(r["image_index"])
+    if roi:  # crops_in_decoder: the mirror flags, one per tile
+        outs.append(fn.stack(*[fn.cast(p[3], dtype=types.UINT8) for p in parts]))
     if with_params:  # for tests: the random crop positions and flips drawn (train), one row per tile
         for j in (1, 2, 3):
             outs.append(fn.stack(*[fn.cast(p[j], dtype=types.FLOAT) for p in parts]))
@@ -105,8 +150,9 @@ _pipeline = pipeline_def(_graph, enable_conditionals=True)
 _pipeline_no_check = pipeline_def(_graph)  # resize_check=False: no conditional anywhere in the graph
 
 
-def output_names(tiled_k: int, with_params: bool = False):
-    names = ["images", "labels", "product_id"] + ([] if tiled_k else ["image_index"])
+def output_names(tiled_k: int, with_params: bool = False, flips: bool = False):
+    """The outputs' names in order; ``flips``: the graph is ``crops_in_decoder``'s (``flip`` flags)."""
+    names = ["images", "labels", "product_id"] + ([] if tiled_k else ["image_index"]) + (["flip"] if flips else [])
     return names + (["crop_x", "crop_y", "mirror"] if with_params else [])
 
 
@@ -114,8 +160,10 @@ def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequen
                    flip: bool = False, device_id: Optional[int] = None, seed: Optional[int] = None,
                    shard_id: int = 0, num_shards: int = 1, checkpoint=None, with_params: bool = False,
                    resize_check: bool = True):
-    """A built pipeline yielding ``output_names(cfg.tiled_k, with_params)``; images are uint8 ``(H, W, 3)``
-    per sample, ``cfg.picture_hw(train)``.
+    """A built pipeline yielding ``output_names(cfg.tiled_k, with_params, crops_in_decoder(cfg.backend,
+    resize_check))``; images are uint8 ``(H, W, 3)`` per sample, ``cfg.picture_hw(train)``, mirrored where
+    drawn (or where ``flip``) except in the ``crops_in_decoder`` graph, whose ``flip`` output says which
+    pictures (tiles) ``apply_flips`` must mirror.
 
     The data settings come from ``cfg`` (``backend``: dali-cpu decodes on the CPU, dali-gpu on GPU
     ``device_id`` with labels moved there too; ``batch_size``, ``num_threads``, ``prefetch``, ``tiled_k``,
@@ -139,6 +187,7 @@ def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequen
         decode_device="mixed" if gpu else "cpu", size=cfg.picture_side(train), image_size=cfg.image_size,
         shard_id=shard_id, num_shards=num_shards, initial_fill=cfg.initial_fill,
         hw_decoder_load=cfg.hw_decoder_load, with_params=with_params, resize_check=resize_check,
+        roi=crops_in_decoder(cfg.backend, resize_check),
         batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id if gpu else None,
         seed=cfg.seed if seed is None else seed, prefetch_queue_depth=cfg.prefetch,
         # The dynamic executor hands outputs to torch without a copy (DLPack); checkpointing records the

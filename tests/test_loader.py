@@ -464,6 +464,38 @@ def test_all_square_data_builds_no_resize_check(data_dir):
     assert next(iter(loader))[0].shape[1:3] == (80, 80)
 
 
+def _drop_picture_sizes(data_dir) -> None:
+    import json
+
+    mpath = data_dir / "manifest.json"
+    m = json.loads(mpath.read_text())
+    for split in m["splits"].values():
+        split.pop("picture_sizes", None)
+    mpath.write_text(json.dumps(m))
+
+
+def test_decoder_crop_graph_yields_the_same_batches(data_dir, data_copy):
+    """On all-square data the CPU loader cuts the window in the decoder and mirrors in torch; with the size
+    check kept (a manifest without picture_sizes) it decodes whole pictures and crops and mirrors in DALI.
+    Same seed, same draws: the same train batches, pixel for pixel, and the same mirrored eval (TTA) batches,
+    single pictures and tiled products (strip and 2x2 grid: every tile mirrored in its own place). Tiled train
+    batches are not compared: DALI seeds the tiles' draws differently in the two graphs (tests/test_pipelines.py
+    checks each tile's crop and flip against its draws)."""
+    _drop_picture_sizes(data_copy)
+    roi, _ = build_loader(_cfg(data_dir, batch_size=8), 0, 1, "train")
+    check, _ = build_loader(_cfg(data_copy, batch_size=8), 0, 1, "train")
+    assert roi.flips_here and not check.flips_here
+    flipped = 0
+    for (a, la), (b, lb) in zip(roi, check):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+        flipped += int(sum(not torch.equal(x, x.flip(1)) for x in a))
+    assert flipped  # pictures that a mirror changes
+    for k in (0, 2, 4):
+        a = next(iter(build_loader(_cfg(data_dir, tiled_k=k), 0, 1, "val", flip=True)[0]))[0]
+        b = next(iter(build_loader(_cfg(data_copy, tiled_k=k), 0, 1, "val", flip=True)[0]))[0]
+        assert torch.equal(a, b), k
+
+
 def test_manifest_without_picture_sizes_keeps_the_resize_check(data_copy):
     """A DATA directory from before the field (or with sizes that do not add up) keeps the check."""
     import json
@@ -477,3 +509,21 @@ def test_manifest_without_picture_sizes_keeps_the_resize_check(data_copy):
         loader, _ = build_loader(_cfg(data_copy), 0, 1, split)
         assert loader.resize_check and _graph_has_resize(loader)
         assert next(iter(loader))[0].shape[1:3] == (160, 160)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiled_k", [0, 4])
+def test_dali_cpu_to_gpu_same_batches_as_on_the_cpu(data_dir, tiled_k):
+    """dali-cpu with a CUDA device: batches go through page-locked memory and the mirrors run batched on the
+    GPU; the same train and mirrored eval batches, pixel for pixel, as the loader without a device."""
+    dev = torch.device("cuda", 0)
+    for split, flip in (("train", False), ("val", True)):
+        cfg = _cfg(data_dir, tiled_k=tiled_k, batch_size=8)
+        host, _ = build_loader(cfg, 0, 1, split, flip=flip)
+        gpu, _ = build_loader(cfg, 0, 1, split, flip=flip, device=dev)
+        assert gpu.flips_here
+        for n, (a, b) in enumerate(zip(host, gpu)):
+            assert b[0].device == dev and b[1].device == dev
+            assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu()), (split, n)
+            if n == 5:
+                break

@@ -7,7 +7,7 @@ from PIL import Image, ImageOps
 
 from dali_pipes.config import DataConfig
 from dali_pipes.dataset import open_dataset
-from dali_pipes.pipelines import build_pipeline, output_names
+from dali_pipes.pipelines import apply_flips, build_pipeline, crops_in_decoder, output_names
 from dali_pipes.records import read_examples
 
 TOL = 2.0  # pixel levels: libjpeg-turbo in DALI and in PIL may round the IDCT/upsampling differently
@@ -47,7 +47,11 @@ def image_records(ds):
     return out
 
 
-_BUILD_ARGS = ("flip", "device_id", "seed", "shard_id", "num_shards", "checkpoint", "with_params")
+_BUILD_ARGS = ("flip", "device_id", "seed", "shard_id", "num_shards", "checkpoint", "with_params", "resize_check")
+
+# The two CPU graphs: with the per-picture size check (whole decode, then crop_mirror_normalize, as on the GPU)
+# and without it, where the decoder cuts the window and the consumer mirrors (crops_in_decoder, apply_flips).
+GRAPHS = pytest.mark.parametrize("resize_check", [True, False], ids=["check", "roi"])
 
 
 def _pipe(ds, split, k=0, **kw):
@@ -60,23 +64,35 @@ def _pipe(ds, split, k=0, **kw):
     return build_pipeline(cfg, paths=paths, index_paths=idxs, train=train, **build)
 
 
-def _epoch(pipe, n, names):
-    """The first ``n`` samples the pipeline yields, as {name: array}."""
-    out = {k: [] for k in names}
+def _names(k=0, with_params=False, resize_check=True, backend="dali-cpu"):
+    return output_names(k, with_params, crops_in_decoder(backend, resize_check))
+
+
+def _epoch(pipe, n, names, k=0):
+    """The first ``n`` samples the pipeline yields, as {name: array}; where the graph left the mirror to the
+    consumer (a ``flip`` output), its pictures mirrored by ``apply_flips`` as the loader does."""
+    import torch
+
+    out = {k_: [] for k_ in names}
     got = 0
     while got < n:
-        for k, v in zip(names, pipe.run()):
-            out[k].append(np.asarray((v.as_cpu() if hasattr(v, "as_cpu") else v).as_tensor()))
+        batch = dict(zip(names, (np.array((v.as_cpu() if hasattr(v, "as_cpu") else v).as_tensor())
+                                 for v in pipe.run())))
+        if "flip" in batch:
+            apply_flips(torch.from_numpy(batch["images"]), torch.from_numpy(batch["flip"]), k)
+        for k_, v in batch.items():
+            out[k_].append(v)
         got += len(out[names[0]][-1])
-    return {k: np.concatenate(v)[:n] for k, v in out.items()}
+    return {k_: np.concatenate(v)[:n] for k_, v in out.items()}
 
 
-def test_train_pixels_labels_ids_for_a_whole_epoch(ds, image_records):
+@GRAPHS
+def test_train_pixels_labels_ids_for_a_whole_epoch(ds, image_records, resize_check):
     """Every sample of a train epoch is the random crop (position and flip read back) of its own record,
     with that record's label, within JPEG decoder tolerance; the epoch is the split once."""
     n = ds.num_records("train")
-    names = output_names(0, with_params=True)
-    out = _epoch(_pipe(ds, "train", with_params=True), n, names)
+    names = _names(0, True, resize_check)
+    out = _epoch(_pipe(ds, "train", with_params=True, resize_check=resize_check), n, names)
     keys = list(zip(out["product_id"][:, 0].tolist(), out["image_index"][:, 0].tolist()))
     assert len(set(keys)) == n  # shuffled, but each record once
     mirrored = 0
@@ -94,11 +110,12 @@ def test_train_pixels_labels_ids_for_a_whole_epoch(ds, image_records):
     assert order != sorted(order)  # shuffled
 
 
+@GRAPHS
 @pytest.mark.parametrize("flip,eval_crop", [(False, True), (True, True), (False, False)])
-def test_eval_centre_crop_flip_and_full_image(ds, image_records, flip, eval_crop):
+def test_eval_centre_crop_flip_and_full_image(ds, image_records, flip, eval_crop, resize_check):
     n = ds.num_records("val")
-    names = output_names(0)
-    out = _epoch(_pipe(ds, "val", flip=flip, eval_crop=eval_crop), n, names)
+    names = _names(0, False, resize_check)
+    out = _epoch(_pipe(ds, "val", flip=flip, eval_crop=eval_crop, resize_check=resize_check), n, names)
     keys = list(zip(out["product_id"][:, 0].tolist(), out["image_index"][:, 0].tolist()))
     assert len(set(keys)) == n
     size = 160 if eval_crop else 180
@@ -117,12 +134,14 @@ def test_eval_keeps_file_order(ds):
     assert list(zip(out["product_id"][:, 0].tolist(), out["image_index"][:, 0].tolist())) == want
 
 
+@GRAPHS
 @pytest.mark.parametrize("k,hw", [(2, (160, 320)), (3, (160, 480)), (4, (320, 320))])
-def test_tiled_sizes_and_tiles(ds, k, hw):
+def test_tiled_sizes_and_tiles(ds, k, hw, resize_check):
+    """Eval tiles, flipped (TTA): each tile is its own picture's mirrored centre crop, in its place."""
     recs = [r for p in ds.shards("val", k)[0] for r in read_examples(p)]
     n = min(len(recs), 8)
     assert n > 0
-    out = _epoch(_pipe(ds, "val", k), n, output_names(k))
+    out = _epoch(_pipe(ds, "val", k, flip=True, resize_check=resize_check), n, _names(k, False, resize_check), k)
     h, w = hw
     assert out["images"].shape == (n, h, w, 3)
     for i in range(n):
@@ -131,23 +150,52 @@ def test_tiled_sizes_and_tiles(ds, k, hw):
         pic = _pixels(out["images"][i])
         for t in range(k):
             y0, x0 = (160 * (t // 2), 160 * (t % 2)) if k == 4 else (0, 160 * t)
-            want = _window(_ref(rec[f"image_{t}"]), 0.5, 0.5, False, 160)
+            want = _window(_ref(rec[f"image_{t}"]), 0.5, 0.5, True, 160)
             assert np.abs(pic[y0:y0 + 160, x0:x0 + 160] - want).max() <= TOL, (k, i, t)
 
 
-def test_tiled_train_crops_each_tile(ds):
-    """Train tiles: each tile is its own image's random crop and flip."""
-    k = 2
+@GRAPHS
+@pytest.mark.parametrize("k", [2, 4])
+def test_tiled_train_crops_each_tile(ds, k, resize_check):
+    """Train tiles: each tile is its own image's random crop and flip, in its place (strip or 2x2 grid)."""
     recs = {r["product_id"]: r for p in ds.shards("train", k)[0] for r in read_examples(p)}
-    out = _epoch(_pipe(ds, "train", k, with_params=True), 8, output_names(k, with_params=True))
-    assert out["crop_x"].shape == (8, k)
-    for i in range(8):
+    n = min(8, ds.num_records("train", k))
+    out = _epoch(_pipe(ds, "train", k, with_params=True, resize_check=resize_check), n,
+                 _names(k, True, resize_check), k)
+    assert out["crop_x"].shape == (n, k) and 0 < out["mirror"].sum() < n * k  # some tiles mirrored, not all
+    for i in range(n):
         rec = recs[int(out["product_id"][i, 0])]
         pic = _pixels(out["images"][i])
         for t in range(k):
+            y0, x0 = (160 * (t // 2), 160 * (t % 2)) if k == 4 else (0, 160 * t)
             want = _window(_ref(rec[f"image_{t}"]), out["crop_x"][i, t], out["crop_y"][i, t],
                            bool(out["mirror"][i, t]), 160)
-            assert np.abs(pic[:, 160 * t:160 * (t + 1)] - want).max() <= TOL
+            assert np.abs(pic[y0:y0 + 160, x0:x0 + 160] - want).max() <= TOL
+
+
+@pytest.mark.parametrize("k", [0, 2, 3, 4])
+def test_apply_flips_loop_and_batched_agree(k):
+    """The CPU form (a flip per flagged tile) and the GPU form (a masked pass per tile position) of
+    apply_flips, on random pictures: each flagged tile mirrored in its place, the rest untouched."""
+    import torch
+
+    g = torch.Generator().manual_seed(k)
+    side, t = 8, max(1, k)
+    h, w = (2 * side, 2 * side) if k == 4 else (side, side * t)
+    images = torch.randint(0, 256, (6, h, w, 3), generator=g, dtype=torch.uint8)
+    flags = torch.randint(0, 2, (6, t), generator=g, dtype=torch.uint8)
+    flags[0] = 1
+    flags[1] = 0
+    want = images.clone()
+    for i in range(6):
+        for j in range(t):
+            y, x = (side * (j // 2), side * (j % 2)) if k == 4 else (0, side * j)
+            if flags[i, j]:
+                want[i, y:y + side, x:x + side] = images[i, y:y + side, x:x + side].flip(1)
+    loop = apply_flips(images.clone(), flags, k, batched=False)
+    batched = apply_flips(images.clone(), flags, k, batched=True)
+    assert torch.equal(loop, want) and torch.equal(batched, want)
+    assert torch.equal(loop[1], images[1]) and not torch.equal(loop[0], images[0])
 
 
 def test_output_dtype(ds):

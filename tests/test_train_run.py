@@ -144,6 +144,41 @@ def test_sigkilled_run_resumes_bit_exact(data_dir, tmp_path):
     assert "holds model tiny" in p.stderr + p.stdout and "resnet10t" in p.stderr + p.stdout
 
 
+def test_resume_across_loader_graphs(data_dir, tmp_path):
+    """A reader position fits only the DALI graph it was taken from. A re-repack that records (or drops) the
+    picture sizes switches the CPU loader between the decoder-crop graph and the size-check graph: from an
+    epoch-end checkpoint the run goes on with fresh readers (a note says so); mid-epoch it is refused, naming
+    both graphs."""
+    import shutil
+
+    data = tmp_path / "DATA"
+    shutil.copytree(data_dir, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+
+    def picture_sizes(keep: bool) -> None:
+        m = json.loads(json.dumps(manifest))
+        for split in m["splits"].values():
+            if not keep:
+                split.pop("picture_sizes")
+        (data / "manifest.json").write_text(json.dumps(m))
+
+    run = tmp_path / "RUN"
+    common = ["demo", "--data", data, "--out", run, *SMALL, "data.image_size=180"]
+    picture_sizes(False)
+    run_sh(*common, "train.epochs=1")  # ends at the epoch end, size-check graph
+    spe = checkpoint.load(str(run / "last.pt"))["steps_per_epoch"]
+    picture_sizes(True)
+    p = run_sh(*common, "train.epochs=1.5")  # decoder-crop graph, ends mid-epoch 2
+    assert "does not fit this loader" in p.stdout and "fresh readers" in p.stdout, p.stdout + p.stderr
+    ck = checkpoint.load(str(run / "last.pt"))
+    assert ck["step"] == round(1.5 * spe) and ck["loader_states"][0]["graph"] == "decoder-crop"
+    picture_sizes(False)
+    p = run_sh(*common, "train.epochs=2", check=False)
+    assert p.returncode == 2
+    assert "graph: saved 'decoder-crop', now 'size-check'" in p.stderr, p.stdout + p.stderr
+    assert checkpoint.load(str(run / "last.pt"))["step"] == round(1.5 * spe)  # nothing lost
+
+
 # ---- DDP ------------------------------------------------------------------------------------------------
 # Runs the real Trainer under torchrun and records what each rank trained on. With crop = image size the
 # "random crop" is the whole image, and a flip does not change a picture's pixel sum, so the sum identifies

@@ -170,8 +170,19 @@ class Trainer:
         cfg, d, ck = self.cfg, self.d, self.ckpt
         state = ck["loader_states"][d.rank] if ck and not fresh_epoch else None
         class_map = ck["category_ids"] if ck else None
-        self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
-                                                   state=state, class_map=class_map)
+        try:
+            self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
+                                                       state=state, class_map=class_map)
+        except ValueError as e:
+            # At an epoch end the reader position only carries the next epoch's shuffle: where it does not fit
+            # this graph (another version of the code, a re-repack that changed the picture sizes), the next
+            # epoch starts with fresh readers. Mid-epoch it stays an error: those samples would be lost.
+            if state is None or ck["step"] % ck["steps_per_epoch"] or "loader state" not in str(e):
+                raise
+            self.note(f"the checkpoint's reader position does not fit this loader ({e}); the next epoch starts "
+                      "with fresh readers")
+            self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
+                                                       class_map=class_map)
         self.category_ids = list(self.train_loader.category_ids)
         self.num_classes = self.train_loader.num_classes
         self.level_maps = self._level_maps()
