@@ -15,12 +15,12 @@ every picture of the split is already ``image_size`` x ``image_size`` (all of th
 builds the graph without the check and its conditional (``resize_check=False``).
 
 On the CPU, in that all-square case, the window is cut by the decoder itself (``decoders.image_crop``: a
-region-of-interest decode that skips the rows and columns outside it) and the mirror is left to the consumer:
-the graph adds a ``flip`` output (one flag per tile) and ``apply_flips`` mirrors those pictures in torch. DALI's
-CPU crop and mirror operators cost about half a decode per 160x160 picture (a generic per-value kernel); the
-region-of-interest decode costs a few percent more than the whole decode and the torch mirror of a flagged
-picture about 16 us (BENCHMARKS.md). The GPU graph keeps the fused ``crop_mirror_normalize`` (one cheap kernel
-there, and the hardware decoder works on whole images).
+region-of-interest decode, which skips what it can outside the window) and the mirror is left to the
+consumer: the graph adds a ``flip`` output (one flag per tile) and ``apply_flips`` mirrors those pictures in
+torch. DALI's CPU crop and mirror operators cost about half a decode per 160x160 picture (generic per-value
+kernels); the region-of-interest decode costs a little more than the whole decode, and the torch mirror of a
+drawn picture 12-24 us (BENCHMARKS.md). The pixels are those of the whole-picture graph. The GPU graph keeps
+the fused ``crop_mirror_normalize`` (one cheap kernel there, and the hardware decoder works on whole images).
 """
 from __future__ import annotations
 
