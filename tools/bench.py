@@ -339,17 +339,30 @@ def bench_train(a) -> dict:
 def tune_candidates(cuda: bool, cpus: int, batches: List[int], threads: Optional[List[int]] = None,
                     hw_loads: Optional[List[float]] = None) -> List[dict]:
     """The input settings ``bench tune`` tries at the first batch size: dali-gpu with each hardware-decoder
-    share and thread count (GPU only), dali-cpu with each thread count. Synthetic data is timed apart."""
+    share and thread count (GPU only), dali-cpu with each thread count. Synthetic data is timed apart.
+    In the order they run, so that a ``--budget-s`` cut leaves out the least likely: on a GPU fewer decode
+    threads and a hardware-decoder share of 0.5 first, then 0, then 1 (the order of the H200 measurement in
+    BENCHMARKS.md), dali-cpu after them; on a CPU more threads first."""
     if cuda:
         gpu_threads = threads or sorted({min(4, cpus), min(8, cpus)})
-        cpu_threads = threads or sorted({max(1, cpus // 2), max(1, cpus - 2)})
-        hw = hw_loads if hw_loads is not None else [0.0, 0.5, 1.0]
-        out = [{"backend": "dali-gpu", "num_threads": t, "hw_decoder_load": h} for h in hw for t in gpu_threads]
+        cpu_threads = threads or sorted({max(1, cpus // 2), max(1, cpus - 2)}, reverse=True)
+        hw = hw_loads if hw_loads is not None else [0.5, 0.0, 1.0]
+        out = [{"backend": "dali-gpu", "num_threads": t, "hw_decoder_load": h} for t in gpu_threads for h in hw]
     else:
-        cpu_threads = threads or sorted({max(1, cpus // 2), cpus})
+        cpu_threads = threads or sorted({max(1, cpus // 2), cpus}, reverse=True)
         out = []
     out += [{"backend": "dali-cpu", "num_threads": t, "hw_decoder_load": 0.0} for t in cpu_threads]
     return [dict(c, batch_size=batches[0]) for c in out]
+
+
+def first_pass_budget(budget_s: float, n_batches: int, first_run_s: float, candidate_s: float) -> float:
+    """Seconds after which ``bench tune`` starts no new candidate at the first batch size, so that each later
+    batch size keeps what it needs: about what the first (synthetic) run took, since its warm-up compiled the
+    model and each batch size compiles anew, plus its synthetic row and two settings (``candidate_s`` each).
+    ``budget_s`` 0 means no limit (and the result is then not used)."""
+    if not budget_s or n_batches < 2:
+        return budget_s
+    return max(0.0, budget_s - (n_batches - 1) * (first_run_s + 3 * candidate_s))
 
 
 def _candidate_name(c: dict) -> str:
@@ -465,15 +478,17 @@ def bench_tune(a) -> dict:
             print(f"  {name:<28} {rate}   ({r['seconds']:.0f} s)", flush=True)
             return r
 
-        def over_budget() -> bool:  # never before one real-data candidate has run
-            return bool(a.budget_s) and time.perf_counter() - t_start > a.budget_s and any(
+        def over_budget(limit: float) -> bool:  # never before one real-data candidate has run
+            return bool(a.budget_s) and time.perf_counter() - t_start > limit and any(
                 r["backend"] != "synthetic" and "images_per_s" in r for r in rows.values())
 
         for i, b in enumerate(batches):
-            if i and over_budget():
+            if i and over_budget(a.budget_s):
                 print(f"  batch {b}: skipped, past --budget-s {a.budget_s:g}", flush=True)
                 break
-            run({"backend": "synthetic", "num_threads": 0, "hw_decoder_load": 0.0, "batch_size": b})
+            first = run({"backend": "synthetic", "num_threads": 0, "hw_decoder_load": 0.0, "batch_size": b})
+            limit = (first_pass_budget(a.budget_s, len(batches), first["seconds"], a.seconds + 3)
+                     if i == 0 else a.budget_s)
             if i == 0:
                 cands = tune_candidates(cuda, os.cpu_count() or 1, batches, a.threads_list, a.hw_loads)
             else:  # the two best settings of the first batch size
@@ -482,8 +497,9 @@ def bench_tune(a) -> dict:
                 cands = [{k: r[k] for k in ("backend", "num_threads", "hw_decoder_load")} for r in done]
                 cands = [dict(c, batch_size=b) for c in cands]
             for c in cands:
-                if over_budget():
-                    print(f"  {_candidate_name(c):<28} skipped: past --budget-s {a.budget_s:g}", flush=True)
+                if over_budget(limit):
+                    print(f"  {_candidate_name(c):<28} skipped: past {limit:g} s of --budget-s {a.budget_s:g}",
+                          flush=True)
                     continue
                 run(c)
         trainer.close()
