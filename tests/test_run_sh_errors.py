@@ -41,6 +41,8 @@ def test_each_mistake_is_one_line_and_exit_2_before_torchrun(data_dir, tmp_path)
         (["demo", "--data", data_dir, "train.epohcs=3"], ["train.epohcs", "did you mean 'epochs'"]),
         (["demo", "--data", data_dir, "data.batch_size=many"], ["data.batch_size: expected int"]),
         (["demo", "--data", data_dir, "train.amp=fp8"], ["train.amp must be one of"]),
+        (["demo", "--data", data_dir, "model.name=resnet5O"], ["model.name=resnet5O: unknown model",
+                                                               "did you mean 'resnet50'", "inception_v4"]),
         (["demo", "--data", tmp_path / "nowhere"], ["nowhere: no such directory", "tools.repack"]),
         (["demo", "--data", tmp_path], ["has no manifest.json"]),
         (["demo", "--data", unlabelled], ["unlabelled repack"]),
@@ -63,6 +65,14 @@ def test_a_start_that_fails_inside_the_trainer_leaves_no_config_yaml(data_dir, t
     assert "last.pt is not a checkpoint of this trainer" in p.stderr
     assert "weights_only" not in p.stdout + p.stderr
     assert not (run / "config.yaml").exists()
+
+
+def test_the_model_names_run_sh_checks_are_the_registry_s():
+    """run.sh reads the names from models/zoo.py's source (no torch import): the same list as the registry."""
+    from models import list_models
+    from train.config import registered_model_names
+
+    assert registered_model_names() == list_models() and "resnet50" in list_models()
 
 
 def test_check_prints_the_resolved_config(data_dir, capsys):

@@ -322,14 +322,43 @@ def check_data(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
 
 
+def registered_model_names() -> List[str]:
+    """The model names ``models/zoo.py`` registers (``@register_model`` or ``@register_model(name=...)``),
+    read from its source: importing ``models`` takes seconds (torch, timm), too slow for run.sh's check."""
+    import ast
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "zoo.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    names = []
+    for node in tree.body:
+        for dec in getattr(node, "decorator_list", []):
+            call = dec if isinstance(dec, ast.Call) else None
+            target = call.func if call else dec
+            if isinstance(target, ast.Name) and target.id == "register_model":
+                named = [k.value.value for k in (call.keywords if call else []) if k.arg == "name"]
+                names.append(named[0] if named else node.name)
+    return sorted(names)
+
+
+def check_model_name(cfg: Config) -> None:
+    known = registered_model_names()
+    if cfg.model.name not in known:
+        close = difflib.get_close_matches(cfg.model.name, known, n=1)
+        raise ConfigError(f"model.name={cfg.model.name}: unknown model"
+                          + (f" (did you mean {close[0]!r}?)" if close else "") + f"; known models: {', '.join(known)}")
+
+
 def resolve_run(recipe: str, data: Optional[str] = None, overrides: Sequence[str] = (),
                 out: Optional[str] = None) -> Tuple[Config, str]:
     """``(config, run directory)`` of ``train/run.sh RECIPE [--data DATA] [--out RUN] [overrides]``, checked:
-    the recipe, every override, the data directory, and the files the config names. Raises ConfigError."""
+    the recipe, every override, the model name, the data directory, and the files the config names. Raises
+    ConfigError."""
     cfg = load_config(recipe, overrides)
     if data:
         cfg.data.path = data
     run_dir = out or default_run_dir(recipe)
+    check_model_name(cfg)
     check_data(cfg)
     resuming = os.path.isfile(os.path.join(run_dir, "last.pt"))  # then train.init_from is not read
     for key, value in (("model.pretrained", cfg.model.pretrained),
