@@ -209,3 +209,19 @@ def test_frozen_node_times_out(data_dir, tmp_path):
         assert f"{DIST_TIMEOUT_S * 1000}ms" in out  # gloo: "Timed out waiting 10000ms for recv ..."
     finally:
         kill_all(procs)
+
+
+@pytest.mark.parametrize("text", [
+    "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Connection closed by peer [10.0.0.2]:1234",
+    "Application timeout caused pair closure",  # gloo, a frozen peer caught inside DDP's backward allreduce
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation",
+    "NCCL communicator was aborted on rank 0. Original reason for failure was: watchdog timeout",
+])
+def test_lost_contact_names_what_the_collective_said(text):
+    from train.distributed import Dist, lost_contact
+
+    d = Dist(rank=0, world_size=2)
+    msg = lost_contact(RuntimeError(text), d)
+    assert msg and msg.startswith("rank 0 of 2 lost contact") and "RUN/last.pt" in msg
+    assert lost_contact(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), d) is None
+    assert lost_contact(ValueError("data.batch_size must be > 0"), d) is None

@@ -83,6 +83,19 @@ def test_checkpoint_with_another_class_map_is_refused(trained, tmp_path, capsys)
     assert r.returncode == 2 and "class map differs" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_ensemble_members_trained_on_other_pictures_are_refused(trained, tmp_path, capsys):
+    """An ensemble reads the pictures once, cut as its first member was trained: a member trained on other
+    crops is refused, naming both checkpoints and the setting (not silently fed the wrong pictures)."""
+    ck = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    ck["config"]["data"]["crop"] = ck["config"]["data"]["crop"] - 16
+    other = tmp_path / "other.pt"
+    torch.save(ck, other)
+    _, r = predict(trained, tmp_path, capsys, "--checkpoint", str(other), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(other) in r.stderr and trained["ckpt"] in r.stderr and "data.crop" in r.stderr, r.stderr
+    assert not (tmp_path / "sub.csv").exists()
+
+
 def test_bad_test_products_still_get_rows_and_are_reported(trained, tmp_path, capsys):
     good = list(iter_products(str(trained["raw"] / "test.bson")))[:20]
     png = __import__("io").BytesIO()

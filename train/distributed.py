@@ -62,8 +62,8 @@ def setup(timeout_s: float = 600.0) -> Dist:
 
 
 # What gloo, NCCL and c10d say when a peer died, hung past the timeout or cannot be reached.
-_LOST_SIGNS = ("connection reset", "connection closed", "connection refused", "broken pipe", "timed out", "gloo",
-               "nccl", "c10d")
+_LOST_SIGNS = ("connection reset", "connection closed", "connection refused", "broken pipe", "timed out", "timeout",
+               "pair closure", "gloo", "nccl", "c10d")
 
 
 def lost_contact(e: BaseException, d: Dist) -> Optional[str]:

@@ -84,10 +84,21 @@ def load_member(spec: str, device: torch.device) -> Member:
     return Member(path, weight, model, cfg, list(ckpt["category_ids"]))
 
 
+PICTURE_KEYS = ("image_size", "crop", "eval_crop")  # how a model's pictures are cut: one loader serves an ensemble
+
+
 def load_ensemble(specs: List[str], device: torch.device) -> List[Member]:
     members = [load_member(s, device) for s in specs]
+    first = members[0]
+    want = {k: first.config["data"].get(k) for k in PICTURE_KEYS}
     for m in members[1:]:
-        check_class_map(members[0].category_ids, m.category_ids, f"{m.path} vs {members[0].path}")
+        check_class_map(first.category_ids, m.category_ids, f"{m.path} vs {first.path}")
+        got = {k: m.config["data"].get(k) for k in PICTURE_KEYS}
+        if got != want:
+            diff = ", ".join(f"data.{k} {want[k]} vs {got[k]}" for k in PICTURE_KEYS if got[k] != want[k])
+            raise PredictError(f"{m.path} was trained on other pictures than {first.path} ({diff}); the members "
+                               "of an ensemble share one loader: predict each with its own --out and average the "
+                               "probabilities, or ensemble models trained with the same picture settings")
     return members
 
 
