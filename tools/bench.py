@@ -498,8 +498,10 @@ def bench_tune(a) -> dict:
                 cands = [dict(c, batch_size=b) for c in cands]
             for c in cands:
                 if over_budget(limit):
-                    print(f"  {_candidate_name(c):<28} skipped: past {limit:g} s of --budget-s {a.budget_s:g}",
-                          flush=True)
+                    later = ", ".join(map(str, batches[1:]))
+                    why = (f"past {limit:.0f} s: the rest of --budget-s {a.budget_s:g} is kept for batch {later}"
+                           if limit < a.budget_s else f"past --budget-s {a.budget_s:g}")
+                    print(f"  {_candidate_name(c):<28} skipped: {why}", flush=True)
                     continue
                 run(c)
         trainer.close()
