@@ -273,8 +273,9 @@ class Hand:
             p = (p + self.probs(crops, flip=True)) / 2
         return p.mean(0)
 
-    def tiled(self, jpegs):
-        c = [self.crop_of(j) for j in jpegs[:4]]
+    def tiled(self, jpegs, flip=False):
+        """The tiled product's probabilities; ``flip``: each tile mirrored in its place."""
+        c = [self.crop_of(j)[:, ::-1] if flip else self.crop_of(j) for j in jpegs[:4]]
         pic = np.concatenate([np.concatenate(c[:2], 1), np.concatenate(c[2:], 1)], 0) if len(c) == 4 \
             else np.concatenate(c, 1)
         return self.probs([pic])[0]
@@ -337,6 +338,33 @@ def test_tiled_models_blend_half_and_half_by_hand(trained, small, tmp_path, caps
         img = a.product(pics)
         want = (img + b.tiled(pics)) / 2 if len(pics) in (2, 4) else img
         np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_tiled_flip_tta_mirrors_each_tile_in_its_place_by_hand(trained, small, tmp_path, capsys):
+    """--tta flip on a tiled product: the mirror view is the one training draws (each tile mirrored, the tile
+    order kept), not the mirror of the whole strip or grid."""
+    uint8 = _loader_dtype(small, trained["ckpt"]) == torch.uint8
+    a, b = Hand(trained["ckpt"], uint8), Hand(small["other"], uint8)
+    _, pt = predict_small(small, tmp_path, capsys, "tiledflip", "--tta", "flip", "--tiled", f"2={small['other']}",
+                          "--tiled", f"4={small['other']}", "--batch", "3", ckpt=trained["ckpt"])
+    for pics, got in zip(small["pics"], pt):
+        img = a.product(pics, flip=True)
+        want = (img + (b.tiled(pics) + b.tiled(pics, flip=True)) / 2) / 2 if len(pics) in (2, 4) else img
+        np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+@pytest.mark.parametrize("k", [0, 2, 3, 4])
+def test_mirror_view_of_nhwc_and_nchw_batches(k):
+    from train.predict import mirror
+
+    side, across = 4, 2 if k == 4 else max(1, k)
+    h = 2 * side if k == 4 else side
+    x = torch.arange(2 * h * across * side * 3, dtype=torch.float32).view(2, h, across * side, 3)
+    want = x.clone()
+    for t in range(across):
+        want[:, :, t * side:(t + 1) * side] = x[:, :, t * side:(t + 1) * side].flip(2)
+    assert torch.equal(mirror(x, k), want)
+    assert torch.equal(mirror(x.permute(0, 3, 1, 2), k), want.permute(0, 3, 1, 2))  # NCHW
 
 
 def test_products_with_more_than_four_images_use_all_images_and_the_tiled_model_of_four(trained, small, tmp_path,

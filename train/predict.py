@@ -165,15 +165,26 @@ def width_dim(images: torch.Tensor) -> int:
     return 2 if images.shape[-1] == 3 else 3
 
 
+def mirror(images: torch.Tensor, tiled_k: int = 0) -> torch.Tensor:
+    """The mirror view of a batch as training draws it: each picture mirrored, and in a tiled product each
+    tile mirrored in its place (the strip's or grid's tile order kept); NCHW or NHWC."""
+    w = width_dim(images)
+    across = 2 if tiled_k == 4 else max(1, tiled_k)  # tiles side by side along W
+    if across == 1:
+        return images.flip(w)
+    return images.unflatten(w, (across, images.shape[w] // across)).flip(w + 1).flatten(w, w + 1)
+
+
 class Scorer:
     """``scorer(images) -> (N, C) float32`` probabilities on the device: the weighted mean over the models
     and over the views (flip TTA: the images and their mirror images go through each model in one forward
-    pass of 2N; if that runs out of GPU memory, two passes from then on)."""
+    pass of 2N; if that runs out of GPU memory, two passes from then on). ``tiled_k``: the pictures are
+    tiled products of K images, whose mirror view mirrors each tile in its place."""
 
-    def __init__(self, members: List[Member], tta: str, device: torch.device):
+    def __init__(self, members: List[Member], tta: str, device: torch.device, tiled_k: int = 0):
         if tta not in ("none", "flip"):
             raise PredictError(f"--tta must be none or flip, not {tta!r}")
-        self.members, self.flip, self.device = members, tta == "flip", device
+        self.members, self.flip, self.device, self.tiled_k = members, tta == "flip", device, tiled_k
         self.scale = 1.0 / (sum(m.weight for m in members) * (2 if self.flip else 1))
         self.one_pass = True
         cuda = device.type == "cuda"
@@ -189,15 +200,15 @@ class Scorer:
         """Probabilities summed over the views."""
         if not self.flip:
             return self._probs(model, x)
-        n, w = x.shape[0], width_dim(x)
+        n = x.shape[0]
         if self.one_pass:
             try:
-                q = self._probs(model, torch.cat([x, x.flip(w)]))
+                q = self._probs(model, torch.cat([x, mirror(x, self.tiled_k)]))
                 return q[:n] + q[n:]
             except torch.cuda.OutOfMemoryError:
                 self.one_pass = False
                 torch.cuda.empty_cache()
-        return self._probs(model, x) + self._probs(model, x.flip(w))
+        return self._probs(model, x) + self._probs(model, mirror(x, self.tiled_k))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -354,7 +365,7 @@ def predict(data: str, members: List[Member], out: str, *, tta: str = "none", ti
     t0 = time.perf_counter()
     loader = make_loader(members[0], data, backend, batch, threads, device)
     streams = {kk: TiledStream(kk, make_loader(m, data, backend, batch, threads, device, kk),
-                               Scorer([m], tta, device), wait) for kk, m in tiled_members.items()}
+                               Scorer([m], tta, device, kk), wait) for kk, m in tiled_members.items()}
     build_s = time.perf_counter() - t0
 
     pred = np.full(n, -1, np.int64)
