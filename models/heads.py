@@ -9,7 +9,8 @@ images, tiled products of 320x160 ... 320x320).
 Input: the loader's batch as it comes, ``uint8 (N, H, W, 3)`` pixels on the device. ``Net.prepare_input``,
 the first step of ``forward`` (so inside ``torch.compile``'s graph, and the same for training, evaluation
 and prediction), normalizes with the trunk's own ImageNet mean and std (timm's ``pretrained_cfg``: Inception
-trunks use 0.5/0.5, DPN its own values, ResNet/DenseNet the usual ImageNet ones), casts to the compute dtype
+trunks use 0.5/0.5, DPN its own values, ResNet/DenseNet the usual ImageNet ones; a model loaded from a
+checkpoint takes the checkpoint's ``input_norm``: ``set_input_norm``), casts to the compute dtype
 (autocast's, else the weights') and lays the batch out as NCHW in the stem's memory format (a free view for
 channels_last). A floating-point ``(N, 3, H, W)`` input is taken as already normalized and passed through.
 """
@@ -86,6 +87,20 @@ class Net(nn.Module):
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def input_norm(self) -> dict:
+        """``{"mean": [3 floats], "std": [3 floats]}`` that ``prepare_input`` applies (0..1 scale)."""
+        return {"mean": list(self.default_cfg["mean"]), "std": list(self.default_cfg["std"])}
+
+    def set_input_norm(self, mean, std) -> None:
+        """Normalize with ``mean``/``std`` (0..1 scale, 3 values each) instead of the trunk's: for weights
+        trained with other values (checkpoints record theirs: ``train.checkpoint.apply_input_norm``)."""
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"input normalization needs 3 means and 3 positive stds, not {mean} / {std}")
+        self.default_cfg.update(mean=mean, std=std)
+        self.input_scale.copy_(torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1))
+        self.input_shift.copy_(torch.tensor([m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1))
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 ``(N, H, W, 3)`` pixels -> normalized ``(N, 3, H, W)`` in the compute dtype, channels_last

@@ -83,6 +83,21 @@ def test_checkpoint_with_another_class_map_is_refused(trained, tmp_path, capsys)
     assert r.returncode == 2 and "class map differs" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_members_normalize_as_their_checkpoints_were_trained(trained, tmp_path):
+    """A run's checkpoint records the model's input normalization; predict gives each member its own (an
+    older checkpoint's data.mean/std in pixel levels included)."""
+    from train.predict import load_member
+
+    ck = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    assert ck["input_norm"] == load_member(trained["ckpt"], torch.device("cpu")).model.input_norm()
+    ck.pop("input_norm")
+    ck["config"]["data"].update(mean=[127.5] * 3, std=[63.75] * 3)  # how an older version saved them
+    old = tmp_path / "old.pt"
+    torch.save(ck, old)
+    norm = load_member(str(old), torch.device("cpu")).model.input_norm()
+    assert norm["mean"] == pytest.approx([0.5] * 3) and norm["std"] == pytest.approx([0.25] * 3)
+
+
 def test_ensemble_members_trained_on_other_pictures_are_refused(trained, tmp_path, capsys):
     """An ensemble reads the pictures once, cut as its first member was trained: a member trained on other
     crops is refused, naming both checkpoints and the setting (not silently fed the wrong pictures)."""

@@ -131,3 +131,24 @@ def test_checkpoint_of_an_older_version_with_data_normalization_keys_loads(tmp_p
     assert ck["config"]["data"] == {"path": "DATA", "backend": "dali-cpu", "batch_size": 8, "crop": 80}
     assert DataConfig(**ck["config"]["data"]).crop == 80
     assert from_dict({"data": ck["config"]["data"]}).data.batch_size == 8
+    # its weights saw pixels normalized with those values (pixel levels): the model is given them, 0..1 scale
+    assert ck["input_norm"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert ck["input_norm"]["std"] == pytest.approx([0.229, 0.224, 0.225])
+
+
+def test_a_model_normalizes_as_its_checkpoint_says():
+    """An Inception-style trunk normalizes with 0.5/0.5; weights trained with other values (an older checkpoint's
+    data.mean/std, or any checkpoint's input_norm) get those values back."""
+    from models import create_model
+
+    model = create_model("tiny", 4)
+    x = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    default = model.input_norm()
+    checkpoint.apply_input_norm({"input_norm": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}, model)
+    want = (x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    assert torch.allclose(model.prepare_input(x).float(), want, atol=1e-5)
+    assert model.input_norm() == {"mean": [0.5] * 3, "std": [0.5] * 3} != default
+    checkpoint.apply_input_norm({}, model)  # a checkpoint without the field changes nothing
+    assert model.input_norm()["mean"] == [0.5] * 3
+    with pytest.raises(ValueError, match="3 means and 3 positive stds"):
+        model.set_input_norm([0.5, 0.5], [0.5, 0.5, 0.5])

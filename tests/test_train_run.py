@@ -166,12 +166,18 @@ def test_resume_across_loader_graphs(data_dir, tmp_path):
     common = ["demo", "--data", data, "--out", run, *SMALL, "data.image_size=180"]
     picture_sizes(False)
     run_sh(*common, "train.epochs=1")  # ends at the epoch end, size-check graph
-    spe = checkpoint.load(str(run / "last.pt"))["steps_per_epoch"]
+    ck = checkpoint.load(str(run / "last.pt"))
+    spe = ck["steps_per_epoch"]
+    # (and a resumed model normalizes as its checkpoint says: here other values than the trunk's)
+    assert ck["input_norm"]["std"] != [0.5, 0.5, 0.5]
+    ck["input_norm"] = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    checkpoint.save(ck, str(run / "last.pt"))
     picture_sizes(True)
     p = run_sh(*common, "train.epochs=1.5")  # decoder-crop graph, ends mid-epoch 2
     assert "does not fit this loader" in p.stdout and "fresh readers" in p.stdout, p.stdout + p.stderr
     ck = checkpoint.load(str(run / "last.pt"))
     assert ck["step"] == round(1.5 * spe) and ck["loader_states"][0]["graph"] == "decoder-crop"
+    assert ck["input_norm"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     picture_sizes(False)
     p = run_sh(*common, "train.epochs=2", check=False)
     assert p.returncode == 2
@@ -280,7 +286,8 @@ def test_finetune_on_tiled_products_starts_from_init_checkpoint(data_dir, tmp_pa
     init = str(tmp_path / "seed.pt")
     checkpoint.save({"format": checkpoint.FORMAT, "model": seed.state_dict(), "model_name": "tiny",
                      "num_classes": len(category_ids), "category_ids": category_ids, "step": 7,
-                     "config": {"model": {"head": "first"}}, "best": {"metric": 0.5, "step": 7}}, init)
+                     "config": {"model": {"head": "first"}}, "best": {"metric": 0.5, "step": 7},
+                     "input_norm": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}, init)
     common = ["--data", data_dir, "model.name=tiny", "data.crop=64", "data.batch_size=4", "data.num_threads=1",
               "train.max_steps=2", "train.amp=off", "train.tensorboard=false"]
     run = tmp_path / "k2"
@@ -288,6 +295,7 @@ def test_finetune_on_tiled_products_starts_from_init_checkpoint(data_dir, tmp_pa
     assert f"init_from {init}: model weights of step 7" in p.stdout
     ck = checkpoint.load(str(run / "last.pt"))
     assert ck["step"] == 2 and ck["config"]["data"]["tiled_k"] == 2
+    assert ck["input_norm"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}  # the seed's, not the trunk's
     moved = [k for k, v in seed.state_dict().items() if v.is_floating_point() and not torch.equal(ck["model"][k], v)]
     assert moved and len(moved) < len(seed.state_dict())  # trained from the seed weights, not from scratch ...
     assert torch.allclose(ck["model"]["fc.weight"], seed.state_dict()["fc.weight"], atol=1e-3)  # ... at lr 5e-5

@@ -76,8 +76,22 @@ def load(path: str) -> dict:
                               "train/run.sh")
     cfg = ckpt.get("config")
     if isinstance(cfg, dict) and isinstance(cfg.get("data"), dict):  # data keys of older versions
-        cfg["data"] = drop_legacy_keys(cfg["data"])
+        old = cfg["data"]
+        if "input_norm" not in ckpt and "mean" in old and "std" in old:
+            # Trained when the loader normalized with data.mean/std, in pixel levels (0..255): the model keeps
+            # those values, on its 0..1 scale.
+            ckpt["input_norm"] = {"mean": [float(v) / 255.0 for v in old["mean"]],
+                                  "std": [float(v) / 255.0 for v in old["std"]]}
+        cfg["data"] = drop_legacy_keys(old)
     return ckpt
+
+
+def apply_input_norm(ckpt: dict, model) -> None:
+    """Give ``model`` (a ``models.heads.Net``) the input normalization its weights were trained with, where the
+    checkpoint records one (every checkpoint of this version does; older ones by their data.mean/std)."""
+    norm = ckpt.get("input_norm")
+    if norm:
+        model.set_input_norm(norm["mean"], norm["std"])
 
 
 def _what_it_is(path: str, error: Exception) -> str:

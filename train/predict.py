@@ -36,7 +36,7 @@ from dali_pipes.fileio import Progress, atomic_write_text, csv_text, temp_path_f
 from dali_pipes.writer.repack import HASHES_FILE, repack
 from models import create_model, without_aux
 
-from .checkpoint import load as load_checkpoint
+from .checkpoint import apply_input_norm, load as load_checkpoint
 from .evaluate import product_runs
 
 
@@ -75,6 +75,7 @@ def load_member(spec: str, device: torch.device) -> Member:
     try:
         model = create_model(ckpt["model_name"], int(ckpt["num_classes"]), head=cfg["model"]["head"])
         model.load_state_dict(without_aux(ckpt["model"]))  # hierarchy heads, if any, play no part here
+        apply_input_norm(ckpt, model)  # the normalization the weights were trained with
     except (KeyError, RuntimeError) as e:
         raise PredictError(f"{path}: not a checkpoint of train/run.sh, or its model does not match its "
                            f"config ({e})") from None

@@ -206,6 +206,7 @@ class Trainer:
         if ck:
             checkpoint.check_model(ck, self.ckpt_path, mc.name, mc.head, raw)
             raw.load_state_dict(ck["model"])
+            checkpoint.apply_input_norm(ck, raw)
         elif tc.init_from:
             self._init_from(raw, tc.init_from)
         if mc.sync_bn and d.enabled:
@@ -317,6 +318,7 @@ class Trainer:
                    if not k.startswith(AUX_HEADS + ".") or (k in ours and ours[k].shape == v.shape)}
         fresh = sorted({k.split(".")[1] for k in ours if k.startswith(AUX_HEADS + ".") and k not in weights})
         raw.load_state_dict(weights, strict=False)
+        checkpoint.apply_input_norm(src, raw)  # the weights go on seeing pictures normalized as they were
         if fresh:
             self.note(f"init_from {path}: no trained hierarchy head for {', '.join(fresh)}: it starts fresh")
         self.note(f"init_from {path}: model weights of step {src['step']} (its best product acc "
@@ -445,7 +447,7 @@ class Trainer:
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                 "config": to_dict(self.cfg), "best": dict(self.best),
                 "loader_states": [p["loader"] for p in parts], "rng": [p["rng"] for p in parts],
-                "tb_dir": self.tb_dir,
+                "tb_dir": self.tb_dir, "input_norm": self.raw.input_norm(),
             }
             last = os.path.join(self.run_dir, LAST)
             checkpoint.save(ckpt, last)
