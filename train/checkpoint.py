@@ -5,7 +5,8 @@ A checkpoint is a dict of tensors and plain values only (no pickled objects), so
 
     format, status ("running" | "finished" | "early_stopped"), step, steps_per_epoch, world_size,
     model (state dict of the unwrapped model), model_name, num_classes, category_ids,
-    optimizer, scaler (state dicts), config (plain dict), best {metric, step}, loader_states, rng (per rank)
+    optimizer, scaler (state dicts), config (plain dict), best {metric, step}, loader_states, rng (per rank),
+    tb_dir, input_norm {mean, std} (what the model's ``prepare_input`` applies: ``apply_input_norm``)
 """
 from __future__ import annotations
 
