@@ -177,8 +177,13 @@ class Trainer:
             # At an epoch end the reader position only carries the next epoch's shuffle: where it does not fit
             # this graph (another version of the code, a re-repack that changed the picture sizes), the next
             # epoch starts with fresh readers. Mid-epoch it stays an error: those samples would be lost.
-            if state is None or ck["step"] % ck["steps_per_epoch"] or "loader state" not in str(e):
+            if state is None or "loader state" not in str(e):
                 raise
+            if ck["step"] % ck["steps_per_epoch"]:
+                raise checkpoint.CheckpointError(
+                    f"{self.ckpt_path} stopped mid-epoch (step {ck['step']}) and its reader positions do not fit "
+                    f"this run's loader: {e}. Finish the epoch with the code and DATA the run started with, or "
+                    f"start a new run from these weights: --out NEW_RUN train.init_from={self.ckpt_path}") from None
             self.note(f"the checkpoint's reader position does not fit this loader ({e}); the next epoch starts "
                       "with fresh readers")
             self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
