@@ -56,6 +56,10 @@ from .dataset import DatasetError, check_class_map, open_dataset
 STATE_VERSION = 1
 
 
+class LoaderStateError(ValueError):
+    """A ``state`` that does not fit this loader (another version, configuration, process count or graph)."""
+
+
 def shard_range(n: int, rank: int, world_size: int) -> range:
     """Records of the split that ``rank`` reads, as DALI's readers cut them."""
     return range(n * rank // world_size, n * (rank + 1) // world_size)
@@ -91,9 +95,9 @@ class _Loader:
 
     def _check_state(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError("loader state: not a state from dali_pipes.loader (version "
-                             f"{state.get('version') if isinstance(state, dict) else type(state).__name__}, "
-                             f"expected {STATE_VERSION})")
+            raise LoaderStateError("loader state: not a state from dali_pipes.loader (version "
+                                   f"{state.get('version') if isinstance(state, dict) else type(state).__name__}, "
+                                   f"expected {STATE_VERSION})")
         mine, diffs = self._identity(), []
         for k, v in mine.items():
             if k == "graph" and k not in state:
@@ -105,10 +109,10 @@ class _Loader:
             elif old != v:
                 diffs.append(f"{k}: saved {old!r}, now {v!r}")
         if diffs:
-            raise ValueError("loader state was saved by a different pipeline configuration, so its reader "
-                             "position does not apply here (" + "; ".join(diffs) + "); resume with the data "
-                             "settings and process count the run started with, or start the epoch afresh "
-                             "without a state")
+            raise LoaderStateError("loader state was saved by a different pipeline configuration, so its reader "
+                                   "position does not apply here (" + "; ".join(diffs) + "); resume with the data "
+                                   "settings and process count the run started with, or start the epoch afresh "
+                                   "without a state")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
 
@@ -175,8 +179,9 @@ class DaliLoader(_Loader):
         except RuntimeError as e:
             if state is None:
                 raise
-            raise ValueError(f"loader state does not fit this pipeline (DALI: {str(e).splitlines()[0]}); it comes "
-                             "from another version of the code or of DALI: start the epoch afresh without it") from e
+            raise LoaderStateError(f"loader state does not fit this pipeline (DALI: {str(e).splitlines()[0]}); it "
+                                   "comes from another version of the code or of DALI: start the epoch afresh "
+                                   "without it") from e
 
     def state(self) -> dict:
         return self._state(dali=bytes(self.it.checkpoints()[0]))

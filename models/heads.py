@@ -68,12 +68,11 @@ class Net(nn.Module):
         if aux_classes:
             self.aux_heads = nn.ModuleDict({k: nn.Linear(trunk.channels, int(n)) for k, n in aux_classes.items()})
             self.new_names += (AUX_HEADS,)
-        # x * scale - shift == (x / 255 - mean) / std. Not persistent: checkpoint keys stay those of the
-        # published models, and a checkpoint of any version loads.
-        self.register_buffer("input_scale", torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("input_shift", torch.tensor([m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1),
-                             persistent=False)
+        # x * scale - shift == (x / 255 - mean) / std, filled in by set_input_norm. Not persistent: checkpoint
+        # keys stay those of the published models, and a checkpoint of any version loads.
+        self.register_buffer("input_scale", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", torch.empty(1, 3, 1, 1), persistent=False)
+        self.set_input_norm(mean, std)
         # The stem's weight: the input follows its dtype (without autocast) and memory format.
         self._stem = next(n for n, p in self.named_parameters() if p.dim() == 4)
 

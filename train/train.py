@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dali_pipes.config import resolve_backend
 from dali_pipes.dataset import DatasetError, class_levels
-from dali_pipes.loader import build_loader
+from dali_pipes.loader import LoaderStateError, build_loader
 from dali_pipes.fileio import atomic_write_text
 from models import AUX_HEADS, create_model, param_groups
 
@@ -173,12 +173,10 @@ class Trainer:
         try:
             self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
                                                        state=state, class_map=class_map)
-        except ValueError as e:
+        except LoaderStateError as e:
             # At an epoch end the reader position only carries the next epoch's shuffle: where it does not fit
             # this graph (another version of the code, a re-repack that changed the picture sizes), the next
             # epoch starts with fresh readers. Mid-epoch it stays an error: those samples would be lost.
-            if state is None or "loader state" not in str(e):
-                raise
             if ck["step"] % ck["steps_per_epoch"]:
                 raise checkpoint.CheckpointError(
                     f"{self.ckpt_path} stopped mid-epoch (step {ck['step']}) and its reader positions do not fit "
