@@ -346,3 +346,33 @@ def test_odd_sizes_through_the_loader(odd_ds):
         for img, pid, index in zip(images.numpy(), meta["product_id"].tolist(), meta["image_index"].tolist()):
             want = _window(_resized_ref(ODD[pid][index]), 0.5, 0.5, False, 160)
             assert np.abs(_pixels(img) - want).mean() < 0.5, (pid, index)
+
+
+def test_apply_flips_on_the_cpu_runs_on_one_torch_thread():
+    """The CPU mirrors run in the consumer's thread while DALI's threads decode: each 160x160 tile is just
+    above torch's parallel grain, and an OpenMP team woken per tile spins on the decoding cores (the loader
+    ran at 0.6-0.7x its rate on 2 cores). The flips see one thread; the caller's setting is restored."""
+    import torch
+
+    seen = []
+
+    class Spy(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.flip:
+                seen.append(torch.get_num_threads())
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    images = torch.randint(0, 256, (4, 160, 160, 3), dtype=torch.uint8)
+    flags = torch.tensor([[1], [0], [1], [1]], dtype=torch.uint8)
+    want = images.clone()
+    want[[0, 2, 3]] = want[[0, 2, 3]].flip(2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = apply_flips(images.as_subclass(Spy), flags, 0, batched=False)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1] and after == 2
+    assert torch.equal(out.as_subclass(torch.Tensor), want)
