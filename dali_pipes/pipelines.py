@@ -113,7 +113,7 @@ def apply_flips(images, flags, tiled_k: int, batched=None):
         return images
     # On one torch thread: a tile is just above torch's parallel grain, and the OpenMP team woken for each
     # tile spins on the cores DALI's threads decode on (the loader ran at 0.6-0.7x on 2 cores). The setting
-    # is per thread under OpenMP, so a trainer thread elsewhere keeps its own.
+    # is process-wide and back as it was when this returns (the loader's consumer does nothing meanwhile).
     import torch
 
     threads = torch.get_num_threads()
