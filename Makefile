@@ -11,7 +11,7 @@ PIP = $(PY) -m pip install --disable-pip-version-check
 NEED_TORCH = $(PY) -c "import torch, torchvision" 2>/dev/null || { \
 	echo "Installing $(TORCH_PINS) (first run only: about 6.6 GB for the CUDA build, several minutes)"; \
 	$(PIP) $(TORCH_PINS); }
-NEED_DEPS = $(PY) -c "import dali_pipes, nvidia.dali, timm, bson, simplejpeg, crc32c, yaml" 2>/dev/null \
+NEED_DEPS = $(PY) -c "import dali_pipes, nvidia.dali, timm, bson, simplejpeg, crc32c, yaml, tensorboard" 2>/dev/null \
 	&& QUIET=-q || echo "Installing this project and its dependencies (first run only: DALI alone is several hundred MB)"
 
 .PHONY: install install-dev test demo clean docker-test

@@ -21,7 +21,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest", "simplejpeg", "matplotlib"],
+        "dev": ["pytest", "simplejpeg", "matplotlib", "tensorboard"],
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },

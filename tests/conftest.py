@@ -139,3 +139,12 @@ def trained_demo(demo_data_dir, tmp_path_factory):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return {"raw": demo_raw_dir(tmp_path_factory), "data": demo_data_dir, "run": run,
             "ckpt": str(run / "best.pt"), "stdout": r.stdout}
+
+
+def tb_steps(tb_dir, tag="train/loss"):
+    """The steps TensorBoard shows for ``tag`` in ``tb_dir``, as its reader resolves a resumed run's purge."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]

@@ -16,6 +16,7 @@ import textwrap
 import pytest
 import torch
 
+from tests.conftest import tb_steps
 from train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def records(run):
 
 def test_resume_with_another_process_count(data_dir, tmp_path):
     run = tmp_path / "RUN"
-    common = ["demo", "--data", data_dir, "--out", run, *SMALL]
+    common = ["demo", "--data", data_dir, "--out", run, *SMALL, "train.tensorboard=true"]
     # 1 process: stop mid-epoch 1 (max_steps), then finish epoch 1
     run_sh(*common, "--nproc", "1", "train.epochs=2", "train.max_steps=5")
     ck = checkpoint.load(str(run / "last.pt"))
@@ -89,6 +90,13 @@ def test_resume_with_another_process_count(data_dir, tmp_path):
     assert train == sorted(train) and len(train) == len({e for _, e in train})
     best = ck["best"]
     assert best["step"] in (spe2, 2 * spe2) and best["metric"] == max(r["product_acc"] for r in val)
+    # TensorBoard cannot rewrite its event files: the 1-process part stays in RUN/tb in its own steps, the
+    # rest goes on in a directory named for the new unit
+    new_tb = f"tb_from_epoch1_{spe2}spe"
+    assert f"TensorBoard goes on in RUN/{new_tb}" in p.stdout, p.stdout
+    assert tb_steps(run / "tb", "val/product_acc") == [5, spe1]
+    assert tb_steps(run / new_tb, "val/product_acc") == [2 * spe2]
+    assert min(tb_steps(run / new_tb)) > spe2 and max(tb_steps(run / "tb")) <= spe1
 
 
 # Rank 0 lingers in its teardown, as a slow destroy_process_group can: torchrun ends it once rank 1 exits.

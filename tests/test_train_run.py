@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from tests.conftest import DEMO_FIXTURE
+from tests.conftest import DEMO_FIXTURE, tb_steps
 from train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,3 +305,21 @@ def test_finetune_on_tiled_products_starts_from_init_checkpoint(data_dir, tmp_pa
     checkpoint.save({**checkpoint.load(init), "category_ids": category_ids[::-1]}, init)
     p = run_sh("finetune_k2", "--out", tmp_path / "refused", *common, f"train.init_from={init}", check=False)
     assert p.returncode == 2 and "class map differs" in p.stderr
+
+
+
+def test_tensorboard_after_kills_shows_each_step_once(data_dir, tmp_path):
+    """TensorBoard (installed by `make test`) is on by default. A run SIGKILLed twice and resumed shows each
+    logged step once there, the same steps as metrics.jsonl: whatever the checkpoint holds is on disk in the
+    event files too, and the resumed run purges what came after it."""
+    run = tmp_path / "RUN"
+    args = ["demo", "--data", data_dir, "--out", run, *SMALL, "train.tensorboard=true", "train.log_every=1",
+            "train.ckpt_every_steps=10"]
+    _run_and_kill(args, run, after_ckpt_step=10, min_logged_step=10)
+    spe = checkpoint.load(str(run / "last.pt"))["steps_per_epoch"]
+    _run_and_kill(args, run, after_ckpt_step=spe + 1, min_logged_step=spe + 1)
+    run_sh(*args)
+    steps = [r["step"] for r in records(run, "train")]
+    assert steps == sorted(set(steps)) and len(steps) == round(1.5 * spe)
+    assert tb_steps(run / "tb") == steps
+    assert tb_steps(run / "tb", "val/product_acc") == [r["step"] for r in records(run, "val")]

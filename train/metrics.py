@@ -62,6 +62,11 @@ class RunLog:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
 
+    def flush(self) -> None:
+        """TensorBoard's queued events to disk (metrics.jsonl is flushed at every record)."""
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         if self.enabled:
             self.file.close()

@@ -453,6 +453,7 @@ class Trainer:
                 "tb_dir": self.tb_dir, "input_norm": self.raw.input_norm(),
             }
             last = os.path.join(self.run_dir, LAST)
+            self.log.flush()  # the event files hold every step the checkpoint holds (a resume purges the rest)
             checkpoint.save(ckpt, last)
             if new_best:
                 checkpoint.copy(last, os.path.join(self.run_dir, BEST))
