@@ -16,6 +16,12 @@ BACKENDS = ("dali-gpu", "dali-cpu", "synthetic")
 LEGACY_KEYS = ("dtype", "channels_last", "mean", "std")
 
 
+def tile_grid(tiled_k: int) -> Tuple[int, int]:
+    """(rows, columns) of the pictures in one sample, the one place that knows the tiled layout: 1x1 for a
+    picture, a 1xK strip for K=2, 3, a 2x2 grid for K=4 (row-major: image_0 image_1 / image_2 image_3)."""
+    return (2, 2) if tiled_k == 4 else (1, max(1, tiled_k))
+
+
 @dataclass
 class DataConfig:
     path: str = ""  # a repacked DATA directory (tools.repack); ignored by the synthetic backend
@@ -54,7 +60,8 @@ class DataConfig:
     def picture_hw(self, train: bool) -> Tuple[int, int]:
         """(H, W) of one sample: the picture, or K pictures tiled (K=2, 3: a strip; K=4: a 2x2 grid)."""
         s = self.picture_side(train)
-        return {0: (s, s), 2: (s, 2 * s), 3: (s, 3 * s), 4: (2 * s, 2 * s)}[self.tiled_k]
+        rows, cols = tile_grid(self.tiled_k)
+        return rows * s, cols * s
 
     def pipeline_signature(self) -> dict:
         """The settings that decide which samples a reader yields in which order.

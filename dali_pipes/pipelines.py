@@ -30,7 +30,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
 from . import records
-from .config import DataConfig
+from .config import DataConfig, tile_grid
 
 READER = "Reader"  # the reader's name: DALIGenericIterator takes the epoch size and padding from it
 
@@ -85,12 +85,10 @@ def _picture(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, i
 
 
 def _tile(tiles, k: int):
-    """K=2, 3: a horizontal strip; K=4: a 2x2 grid (row-major: image_0 image_1 / image_2 image_3)."""
-    if k == 4:
-        top = fn.cat(tiles[0], tiles[1], axis_name="W")
-        bottom = fn.cat(tiles[2], tiles[3], axis_name="W")
-        return fn.cat(top, bottom, axis_name="H")
-    return fn.cat(*tiles, axis_name="W")
+    """The K pictures laid out as ``tile_grid(k)`` says: side by side along W within a row, rows along H."""
+    rows, cols = tile_grid(k)
+    strips = [fn.cat(*tiles[r * cols:(r + 1) * cols], axis_name="W") for r in range(rows)]
+    return strips[0] if rows == 1 else fn.cat(*strips, axis_name="H")
 
 
 def apply_flips(images, flags, tiled_k: int, batched=None):
@@ -99,10 +97,11 @@ def apply_flips(images, flags, tiled_k: int, batched=None):
     ``(N, max(1, tiled_k))``. On the CPU one flip per flagged tile (about 16 us for 160x160: cheaper than a
     pass over the whole batch); on a GPU (``batched``, the default there) one masked pass per tile position,
     with ``flags`` moved to the images' device. Returns ``images``."""
-    side = images.shape[1] // 2 if tiled_k == 4 else images.shape[1]
+    rows, cols = tile_grid(tiled_k)
+    side = images.shape[1] // rows
 
     def tile(t):
-        y, x = (side * (t // 2), side * (t % 2)) if tiled_k == 4 else (0, side * t)
+        y, x = side * (t // cols), side * (t % cols)
         return (slice(y, y + side), slice(x, x + side))
 
     if images.is_cuda if batched is None else batched:

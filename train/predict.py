@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from dali_pipes.config import DataConfig, drop_legacy_keys
+from dali_pipes.config import DataConfig, drop_legacy_keys, tile_grid
 from dali_pipes.dataset import check_class_map, open_dataset
 from dali_pipes.fileio import Progress, atomic_write_text, csv_text, temp_path_for
 from dali_pipes.writer.repack import HASHES_FILE, repack
@@ -170,7 +170,7 @@ def mirror(images: torch.Tensor, tiled_k: int = 0) -> torch.Tensor:
     """The mirror view of a batch as training draws it: each picture mirrored, and in a tiled product each
     tile mirrored in its place (the strip's or grid's tile order kept); NCHW or NHWC."""
     w = width_dim(images)
-    across = 2 if tiled_k == 4 else max(1, tiled_k)  # tiles side by side along W
+    across = tile_grid(tiled_k)[1]  # tiles side by side along W
     if across == 1:
         return images.flip(w)
     return images.unflatten(w, (across, images.shape[w] // across)).flip(w + 1).flatten(w, w + 1)
