@@ -57,7 +57,12 @@ STATE_VERSION = 1
 
 
 class LoaderStateError(ValueError):
-    """A ``state`` that does not fit this loader (another version, configuration, process count or graph)."""
+    """A ``state`` that does not fit this loader (another version, configuration, process count or graph).
+    ``detail``: what differs, without the advice of the message (a caller that recovers says its own)."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -112,7 +117,7 @@ class _Loader:
             raise LoaderStateError("loader state was saved by a different pipeline configuration, so its reader "
                                    "position does not apply here (" + "; ".join(diffs) + "); resume with the data "
                                    "settings and process count the run started with, or start the epoch afresh "
-                                   "without a state")
+                                   "without a state", detail="; ".join(diffs))
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
 
@@ -179,9 +184,10 @@ class DaliLoader(_Loader):
         except RuntimeError as e:
             if state is None:
                 raise
-            raise LoaderStateError(f"loader state does not fit this pipeline (DALI: {str(e).splitlines()[0]}); it "
-                                   "comes from another version of the code or of DALI: start the epoch afresh "
-                                   "without it") from e
+            dali = f"DALI: {str(e).splitlines()[0]}"
+            raise LoaderStateError(f"loader state does not fit this pipeline ({dali}); it comes from another "
+                                   "version of the code or of DALI: start the epoch afresh without it",
+                                   detail=dali) from e
 
     def state(self) -> dict:
         return self._state(dali=bytes(self.it.checkpoints()[0]))

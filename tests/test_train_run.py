@@ -175,6 +175,8 @@ def test_resume_across_loader_graphs(data_dir, tmp_path):
     picture_sizes(True)
     p = run_sh(*common, "train.epochs=1.5")  # decoder-crop graph, ends mid-epoch 2
     assert "does not fit this loader" in p.stdout and "fresh readers" in p.stdout, p.stdout + p.stderr
+    # the note names what differs; the loader's own advice (start without a state) is what the run just did
+    assert "graph: saved 'size-check', now 'decoder-crop'" in p.stdout and "afresh" not in p.stdout, p.stdout
     ck = checkpoint.load(str(run / "last.pt"))
     assert ck["step"] == round(1.5 * spe) and ck["loader_states"][0]["graph"] == "decoder-crop"
     assert ck["input_norm"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}

@@ -180,10 +180,10 @@ class Trainer:
             if ck["step"] % ck["steps_per_epoch"]:
                 raise checkpoint.CheckpointError(
                     f"{self.ckpt_path} stopped mid-epoch (step {ck['step']}) and its reader positions do not fit "
-                    f"this run's loader: {e}. Finish the epoch with the code and DATA the run started with, or "
+                    f"this run's loader ({e.detail}). Finish the epoch with the code and DATA the run started with, or "
                     f"start a new run from these weights: --out NEW_RUN train.init_from={self.ckpt_path}") from None
-            self.note(f"the checkpoint's reader position does not fit this loader ({e}); the next epoch starts "
-                      "with fresh readers")
+            self.note(f"the checkpoint's reader position does not fit this loader ({e.detail}); the next epoch "
+                      "starts with fresh readers")
             self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
                                                        class_map=class_map)
         self.category_ids = list(self.train_loader.category_ids)
