@@ -23,7 +23,8 @@ Backends ``dali-gpu`` (decode and augment on the GPU), ``dali-cpu`` (all on the 
   first step (``models.heads.Net.prepare_input``), on the training device. Labels: int64 ``(N,)``, -1 for
   unlabelled data. Synthetic batches have the same shapes, layout and dtype.
 * Devices: dali-gpu yields images and labels on the pipeline's GPU; dali-cpu yields CPU tensors, copied
-  to ``device`` if one is given (through page-locked memory to a GPU); meta stays on the CPU.
+  to ``device`` if one is given (to a GPU: through page-locked memory, on a copy stream the current stream
+  waits for, so the copy overlaps the step queued before); meta stays on the CPU.
 
 Last batch. Shards are cut from the split's records as DALI does (rank r reads records
 floor(r*N/W) .. floor((r+1)*N/W)) and padded to equal length with copies of their last record.
@@ -162,6 +163,9 @@ class DaliLoader(_Loader):
             if device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
         self.device = None if device is None else torch.device(device)
+        # dali-cpu feeding a GPU: the copies go on a stream of their own (see _convert)
+        self._copy_stream = (torch.cuda.Stream(self.device) if not gpu and self.device is not None
+                             and self.device.type == "cuda" else None)
         self.tiled = bool(cfg.tiled_k)
         # The per-picture size check (a DALI conditional, ~5% of the CPU time) only where a picture may need it.
         self.resize_check = not ds.all_square(split, cfg.image_size)
@@ -220,14 +224,23 @@ class DaliLoader(_Loader):
     def _convert(self, b: dict) -> tuple:
         images = b["images"]
         labels = b["labels"].view(-1)
-        if self.device is not None and images.device != self.device:
-            if self.device.type == "cuda":
-                # dali-cpu feeding a GPU: a copy from pageable memory holds the host (non_blocking only works
-                # from page-locked memory), so the trainer could not queue the next step meanwhile; torch's
-                # caching host allocator keeps each page-locked block until its copy is done.
-                images, labels = images.pin_memory(), labels.pin_memory()
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+        if self._copy_stream is not None:
+            # dali-cpu feeding a GPU. From page-locked memory (a copy from pageable memory holds the host;
+            # torch's caching host allocator keeps each page-locked block until its copy is done), on a
+            # stream of its own: on the compute stream the copy would wait behind the step the trainer
+            # queued before asking for this batch, and that stream would wait for the copy. The compute
+            # stream waits for the copy instead, and the batch's memory is marked as used there (so the
+            # allocator does not hand it to the next copy while a step still reads it).
+            images, labels = images.pin_memory(), labels.pin_memory()
+            with torch.cuda.stream(self._copy_stream):
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self._copy_stream)
+            images.record_stream(compute)
+            labels.record_stream(compute)
+        elif self.device is not None and images.device != self.device:
+            images, labels = images.to(self.device), labels.to(self.device)
         if self.flips_here:  # on the CPU before a copy, or on the GPU after it (batched there)
             self._apply_flips(images, b["flip"], self.cfg.tiled_k)
         if self.train:

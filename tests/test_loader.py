@@ -514,16 +514,22 @@ def test_manifest_without_picture_sizes_keeps_the_resize_check(data_copy):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiled_k", [0, 4])
 def test_dali_cpu_to_gpu_same_batches_as_on_the_cpu(data_dir, tiled_k):
-    """dali-cpu with a CUDA device: batches go through page-locked memory and the mirrors run batched on the
-    GPU; the same train and mirrored eval batches, pixel for pixel, as the loader without a device."""
+    """dali-cpu with a CUDA device: batches go through page-locked memory on a copy stream and the mirrors
+    run batched on the GPU; the same train and mirrored eval batches, pixel for pixel, as the loader without
+    a device, also when they are kept while later ones arrive and a "step" keeps the compute stream busy."""
     dev = torch.device("cuda", 0)
     for split, flip in (("train", False), ("val", True)):
         cfg = _cfg(data_dir, tiled_k=tiled_k, batch_size=8)
         host, _ = build_loader(cfg, 0, 1, split, flip=flip)
         gpu, _ = build_loader(cfg, 0, 1, split, flip=flip, device=dev)
         assert gpu.flips_here
+        kept = []
         for n, (a, b) in enumerate(zip(host, gpu)):
             assert b[0].device == dev and b[1].device == dev
-            assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu()), (split, n)
+            kept.append((a[0].clone(), a[1].clone(), b[0], b[1]))
+            busy = torch.randn(2048, 2048, device=dev)
+            busy = busy @ busy @ busy  # queued on the compute stream, as a training step would be
             if n == 5:
                 break
+        for n, (host_images, host_labels, images, labels) in enumerate(kept):
+            assert torch.equal(host_images, images.cpu()) and torch.equal(host_labels, labels.cpu()), (split, n)
