@@ -12,7 +12,7 @@ import pytest
 
 from tools import bench
 
-ENV_KEYS = {"cpu_count", "torch", "dali", "batch", "threads", "gpu", "cuda", "python"}
+ENV_KEYS = {"cpu_count", "torch", "torch_threads", "dali", "batch", "threads", "gpu", "cuda", "python"}
 
 
 class Ticks:

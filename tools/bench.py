@@ -32,6 +32,7 @@ def environment(batch: Optional[int] = None, threads: Optional[int] = None) -> d
         import torch
 
         env["torch"] = torch.__version__
+        env["torch_threads"] = torch.get_num_threads()  # intra-op threads: they share the cores with DALI's
         env["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
         env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:  # pragma: no cover
