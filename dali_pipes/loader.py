@@ -224,6 +224,7 @@ class DaliLoader(_Loader):
     def _convert(self, b: dict) -> tuple:
         images = b["images"]
         labels = b["labels"].view(-1)
+        flags = b["flip"] if self.flips_here else None
         if self._copy_stream is not None:
             # dali-cpu feeding a GPU. From page-locked memory (a copy from pageable memory holds the host;
             # torch's caching host allocator keeps each page-locked block until its copy is done), on a
@@ -231,18 +232,19 @@ class DaliLoader(_Loader):
             # queued before asking for this batch, and that stream would wait for the copy. The compute
             # stream waits for the copy instead, and the batch's memory is marked as used there (so the
             # allocator does not hand it to the next copy while a step still reads it).
-            images, labels = images.pin_memory(), labels.pin_memory()
+            host = [t.pin_memory() for t in (images, labels, flags) if t is not None]
             with torch.cuda.stream(self._copy_stream):
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
+                moved = [t.to(self.device, non_blocking=True) for t in host]
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(self._copy_stream)
-            images.record_stream(compute)
-            labels.record_stream(compute)
+            for t in moved:
+                t.record_stream(compute)
+            images, labels = moved[:2]
+            flags = moved[2] if flags is not None else None
         elif self.device is not None and images.device != self.device:
             images, labels = images.to(self.device), labels.to(self.device)
-        if self.flips_here:  # on the CPU before a copy, or on the GPU after it (batched there)
-            self._apply_flips(images, b["flip"], self.cfg.tiled_k)
+        if self.flips_here:  # on the CPU, or on the GPU after the copy (batched there)
+            self._apply_flips(images, flags, self.cfg.tiled_k)
         if self.train:
             return images, labels
         pids = b["product_id"].view(-1)
