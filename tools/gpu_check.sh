@@ -71,11 +71,11 @@ step 60 340 repack_test $PY -m tools.repack --bson "$W/raw/test.bson" --unlabell
     --quiet || { rm -rf "$W"; exit 1; }
 
 log "tune: $TUNE_RECIPE, real data per input setting vs synthetic"
-TUNE_LIMIT=$(limit 250 200)
+TUNE_LIMIT=$(limit 250 200)  # its step gets this limit as it is (KEEP 0)
 # minimum shares: tune 140 s, train_run 60, predict 20, the tests 120 (the KEEP column of each step)
 TUNE_BUDGET=$((TUNE_BUDGET < TUNE_LIMIT - 60 ? TUNE_BUDGET : TUNE_LIMIT - 60))  # room for the last candidates
 TUNE_BUDGET=$((TUNE_BUDGET > 10 ? TUNE_BUDGET : 10))
-step 250 200 tune $PY -m tools.bench tune --recipe "$TUNE_RECIPE" --data "$W/data" --seconds "$TUNE_SECONDS" \
+step "$TUNE_LIMIT" 0 tune $PY -m tools.bench tune --recipe "$TUNE_RECIPE" --data "$W/data" --seconds "$TUNE_SECONDS" \
     --warmup 3 --budget-s "$TUNE_BUDGET" --json "$OUT/tune.json"
 sed -n "1,/^override/p" "$X/tune.log"
 
