@@ -10,11 +10,14 @@ import contextlib
 import csv
 import io
 import math
+import functools
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 TMP_SUFFIX = ".tmp"  # every temporary file of an atomic write ends so; stale ones are safe to delete
 
@@ -26,6 +29,14 @@ def temp_path_for(path: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=d)
     os.close(fd)
     return tmp
+
+
+def temp_target(name: str) -> Optional[str]:
+    """The file name a temporary of ``temp_path_for`` (``.NAME.XXXX.tmp``) stands for; None for other names."""
+    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+        return None
+    target, dot, _ = name[1:-len(TMP_SUFFIX)].rpartition(".")
+    return target if dot and target else None
 
 
 def fsync_dir(path: str) -> None:
@@ -84,6 +95,42 @@ def csv_text(header: List[str], rows) -> str:
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
+
+
+# ---- interruption ---------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C (SIGINT) so that ``finally`` blocks and atomic writes remove their
+    temporaries; SIGTERM's default action ends the process without running them."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def interruptible(tool: str) -> Callable:
+    """Decorate a command line's ``main``: SIGTERM raises ``Interrupted`` (the temporaries are removed on the
+    way out), and an interrupt ends with one line and exit status 128 + the signal (130 for Ctrl-C)."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kw):
+            in_main = threading.current_thread() is threading.main_thread()
+            old = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main else None
+            try:
+                return main(*args, **kw)
+            except KeyboardInterrupt as e:
+                signum = getattr(e, "signum", signal.SIGINT)
+                print(f"{tool}: interrupted ({signal.Signals(signum).name}); its temporary files are removed",
+                      file=sys.stderr)
+                return 128 + signum
+            finally:
+                if in_main:
+                    signal.signal(signal.SIGTERM, old)
+        return run
+    return wrap
 
 
 # ---- the progress line --------------------------------------------------------------------------

@@ -17,6 +17,12 @@ import crc32c as _crc32c
 
 MANIFEST = "manifest.json"  # written last: a directory without it is not a dataset
 FORMAT_VERSION = 1
+# The other files of a DATA directory (beside the shard folders of SPLIT_DIRS)
+CLASSES_FILE = "classes.csv"  # class index -> category id and names (labelled repacks)
+QUARANTINE_FILE = "quarantine.csv"  # every product or image not written, with the reason
+PRODUCTS_FILE = "products.csv"  # unlabelled repacks: the written products in file order
+HASHES_FILE = "image_hashes.npy"  # a 64-bit hash of every written image (tools.predict --dedup)
+SPLIT_DIRS = ("train", "val", "test", "products")  # image shards per split; products/k{K}/{split}/
 
 # ---- schema -------------------------------------------------------------------------------------
 # Feature name -> kind ("bytes" or "int64"). Writer, reader and DALI pipelines all use these.

@@ -337,11 +337,44 @@ def test_duplicate_id(tmp_path):
     out, m, q = run_repack(tmp_path, docs)
     assert len(q) == 1 and q[0]["product_id"] == "2" and "duplicate _id" in q[0]["reason"]
     first = scan_offsets(str(tmp_path / "in.bson")).offsets[2]
-    assert f"first seen at offset {first}" in q[0]["reason"]
+    assert f"the copy at offset {first} is kept" in q[0]["reason"]
     ids = [r["product_id"] for _, r in all_image_records(out, m)]
     assert ids.count(2) == 3  # the first product 2 (3 images) is kept, the duplicate is not
     assert_counts(out, m, q, read=5, written=4, images_read=11, images_written=10,
                   quarantined=[("2", "", "duplicate _id")])
+
+
+def test_duplicate_id_first_usable_copy_is_written(tmp_path):
+    # product 1's first copy has no images, its second is corrupt, its third is good, its fourth good too
+    cut = jpeg(7)[:700]
+    docs = good_docs(3) + [{"_id": 1, "category_id": CAT0, "imgs": [{"picture": cut}]},
+                           {"_id": 1, "category_id": CAT0, "imgs": [{"picture": jpeg(8)}, {"picture": jpeg(9)}]},
+                           {"_id": 1, "category_id": CAT0, "imgs": [{"picture": jpeg(5)}]}]
+    docs[1] = {"_id": 1, "category_id": CAT0, "imgs": []}
+    out, m, q = run_repack(tmp_path, docs, workers=2, shard_size_mb=0.001)  # each copy in a chunk of its own
+    offs = scan_offsets(str(tmp_path / "in.bson")).offsets.tolist()
+    kept = offs[4]
+    recs = [r for _, r in all_image_records(out, m) if r["product_id"] == 1]
+    assert sorted(r["image_index"] for r in recs) == [0, 1] and {r["num_images"] for r in recs} == {2}
+    by_off = {int(r["offset"]): r["reason"] for r in q if r["image_index"] == ""}
+    assert by_off[offs[1]] == f"product has no images (duplicate _id: the copy at offset {kept} is kept)"
+    assert by_off[offs[3]].startswith("no readable image") and f"the copy at offset {kept} is kept" in by_off[offs[3]]
+    assert by_off[offs[5]] == f"duplicate _id (the copy at offset {kept} is kept)"
+    assert_counts(out, m, q, read=6, written=3, images_read=1 + 0 + 3 + 1 + 2 + 1, images_written=1 + 3 + 2,
+                  quarantined=[("1", "", "product has no images"), ("1", "0", "truncated JPEG"), ("1", "", "no readable"),
+                               ("1", "", "duplicate _id")])
+
+
+def test_document_that_does_not_decode_keeps_its_leading_id(tmp_path):
+    docs = [bson.encode(d) for d in good_docs(4)]
+    bad = bytearray(docs[2])
+    assert bad[5:9] == b"_id\x00" and bad[4] == 0x10  # int32 _id first: the offset scan reads it
+    bad[13] = 0x7F  # the next element's type: the body does not decode
+    docs[2] = bytes(bad)
+    out, m, q = run_repack(tmp_path, docs)
+    assert [(r["product_id"], r["image_index"]) for r in q] == [("2", "")] and "does not decode" in q[0]["reason"]
+    assert_counts(out, m, q, read=4, written=3, images_read=1 + 2 + 4, images_written=7,
+                  quarantined=[("2", "", "does not decode")])
 
 
 def test_png_image_is_quarantined_product_kept(tmp_path):
@@ -389,12 +422,12 @@ def test_absurdly_large_document_and_image(tmp_path):
     docs = good_docs(2) + [big_doc, {"_id": 61, "category_id": CAT0, "imgs": [{"picture": big_img}]}] + good_docs(2, 100)
     out, m, q = run_repack(tmp_path, docs)
     reasons = {(r["product_id"], r["image_index"]): r["reason"] for r in q}
-    assert "exceeds the 16777216-byte limit" in reasons[("", "")]
+    assert "exceeds the 16777216-byte limit" in reasons[("60", "")]  # its leading _id was read by the scan
     assert "exceeds the 4194304-byte limit" in reasons[("61", "0")]
     assert m["counts"]["products_written"] == 4 and m["counts"]["products_quarantined"] == 2
     # the oversized document is never decoded, so its image is not among those read
     assert_counts(out, m, q, read=6, written=4, images_read=3 + 1 + 3, images_written=6,
-                  quarantined=[("", "", "16777216-byte limit"), ("61", "0", "4194304-byte limit"),
+                  quarantined=[("60", "", "16777216-byte limit"), ("61", "0", "4194304-byte limit"),
                                ("61", "", "no readable image")])
 
 
@@ -419,22 +452,72 @@ def test_missing_categories_file_and_bson(tmp_path):
     assert r.returncode == 2 and "none.bson: no such file" in r.stderr
 
 
-def test_rerun_killed_run_starts_clean_and_existing_dataset_is_refused(tmp_path):
+def test_rerun_killed_run_starts_clean_and_existing_dataset_is_refused(tmp_path, monkeypatch):
+    import dali_pipes.writer.repack as rp
+
     out, m, _ = run_repack(tmp_path, good_docs(6))
+    assert not os.path.exists(os.path.join(out, rp.MARKER))  # removed once the manifest is written
     # A finished dataset: refused without --overwrite.
     with pytest.raises(RepackError, match="--overwrite"):
         run_repack(tmp_path, good_docs(6))
-    # A killed run: no manifest, leftovers of temp files and stale shards.
-    os.remove(os.path.join(out, "manifest.json"))
+    # A run interrupted just before its manifest: the marker stays, the temporaries do not.
+    real = rp.atomic_write_text
+
+    def interrupt_at_manifest(path, text):
+        if path.endswith("manifest.json"):
+            raise KeyboardInterrupt
+        return real(path, text)
+
+    monkeypatch.setattr(rp, "atomic_write_text", interrupt_at_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        run_repack(tmp_path, good_docs(6), overwrite=True)
+    monkeypatch.setattr(rp, "atomic_write_text", real)
+    assert os.path.exists(os.path.join(out, rp.MARKER)) and not os.path.exists(os.path.join(out, "manifest.json"))
+    # A run whose worker is stopped mid-shard without aborting its writers (a pool worker ended by SIGTERM):
+    # the driver removes the shard temporaries it left.
+    monkeypatch.setattr(rp._ChunkWriters, "abort", lambda self: None)
+    monkeypatch.setattr(rp, "_count_sizes", lambda counter, sizes: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(MemoryError):
+        run_repack(tmp_path, good_docs(6), overwrite=True)
+    monkeypatch.undo()
+    assert not [n for _, _, ns in os.walk(out) for n in ns if n.endswith(".tmp")]
+    assert os.path.exists(os.path.join(out, rp.MARKER))
+    # Leftovers of the killed run (a stale shard, a temporary) beside files of the user's own.
     stale = os.path.join(out, "train", "train-00099.tfrecord")
+    os.makedirs(os.path.dirname(stale), exist_ok=True)
     open(stale, "wb").write(b"junk")
-    open(os.path.join(out, "train", "train-00000.tfrecord.tmp123"), "wb").write(b"junk")
+    open(os.path.join(out, "train", ".train-00000.tfrecord.abc123.tmp"), "wb").write(b"junk")
+    mine = [os.path.join(out, "notes.txt"), os.path.join(out, "train", "mine.tfrecord"),
+            os.path.join(out, ".notes.txt.abc123.tmp")]
+    for p in mine:
+        open(p, "w").write("the user's")
     out2, m2, _ = run_repack(tmp_path, good_docs(4))
     assert not os.path.exists(stale)
-    assert not any(".tmp" in n for _, _, ns in os.walk(out2) for n in ns)
-    assert m2["counts"]["products_written"] == 4
+    assert not any(n.endswith(".tmp") and "train-" in n for _, _, ns in os.walk(out2) for n in ns)
+    assert m2["counts"]["products_written"] == 4 and all(os.path.isfile(p) for p in mine)
     out3, m3, _ = run_repack(tmp_path, good_docs(5), overwrite=True)
-    assert m3["counts"]["products_written"] == 5
+    assert m3["counts"]["products_written"] == 5 and all(os.path.isfile(p) for p in mine)
+    assert {r["product_id"] for _, r in all_image_records(out3, m3)} == set(range(5))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_non_empty_foreign_out_is_refused_and_left_alone(tmp_path, overwrite):
+    src = write_bson(tmp_path / "in.bson", good_docs(3))
+    cats = write_cats(tmp_path / "cats.csv", [CAT0, CAT0 + 1, CAT0 + 2])
+    home = tmp_path / "home"  # `--out ~/cdiscount` where the user's own train/ folder and CSVs sit
+    (home / "train").mkdir(parents=True)
+    (home / "train" / "train-00000.tfrecord").write_text("the user's")
+    (home / "quarantine.csv").write_text("the user's")
+    (home / "run.tmp").write_text("the user's")
+    before = sorted(str(p) for p in home.rglob("*"))
+    r = cli("--bson", src, "--categories", cats, "--out", str(home), *(["--overwrite"] if overwrite else []))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"--out {home} is not empty (quarantine.csv, run.tmp, train)" in r.stderr and "another --out" in r.stderr
+    assert sorted(str(p) for p in home.rglob("*")) == before
+    assert (home / "train" / "train-00000.tfrecord").read_text() == "the user's"
+    # an empty directory, or a new one, is fine
+    (tmp_path / "empty").mkdir()
+    assert cli("--bson", src, "--categories", cats, "--out", str(tmp_path / "empty")).returncode == 0
 
 
 def test_product_with_more_than_four_images(tmp_path):

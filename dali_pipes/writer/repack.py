@@ -14,7 +14,7 @@ import json
 import math
 import multiprocessing as mp
 import os
-import shutil
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,8 +23,9 @@ from typing import Dict, List, Optional, Tuple
 import bson
 import numpy as np
 
-from ..fileio import Progress, atomic_open, atomic_write_text, csv_text
-from ..records import FORMAT_VERSION, IMAGE_FEATURES, MANIFEST, MAX_K, product_features
+from ..fileio import Progress, atomic_open, atomic_write_text, csv_text, temp_target
+from ..records import (CLASSES_FILE, FORMAT_VERSION, HASHES_FILE, IMAGE_FEATURES, MANIFEST, MAX_K, PRODUCTS_FILE,
+                       QUARANTINE_FILE, SPLIT_DIRS, product_features)
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
 from .exclude import ExcludeError, read_exclude
 from .jpeg_check import DEFAULT_MAX_SIDE, DEFAULT_VERIFY, VERIFY_MODES, make_check
@@ -32,12 +33,14 @@ from .shards import ShardWriter, int_feature
 
 MAX_IMAGE_BYTES = 4 << 20  # the competition's images are ~5 kB; megabytes mean something is wrong
 QUARANTINE_FIELDS = ["product_id", "offset", "image_index", "reason"]
-# Duplicate lookup (tools.predict --dedup): a 64-bit hash (blake2b) of every written image with its product
-# and category id (-1 in unlabelled repacks), sorted by hash.
-HASHES_FILE = "image_hashes.npy"
+# Duplicate lookup (tools.predict --dedup, HASHES_FILE): a 64-bit hash (blake2b) of every written image with
+# its product and category id (-1 in unlabelled repacks), sorted by hash.
 HASH_DTYPE = np.dtype([("hash", "<u8"), ("product_id", "<i8"), ("category_id", "<i8")])
-_OWNED = ("train", "val", "test", "products", "classes.csv", "quarantine.csv", "products.csv", MANIFEST,
-          HASHES_FILE)
+# Written into --out before anything else and removed once the manifest is written: a directory with it is an
+# unfinished repack, whose files a re-run may remove. Repack removes nothing from any other directory.
+MARKER = ".repack-unfinished"
+_FILES = (MANIFEST, CLASSES_FILE, QUARANTINE_FILE, PRODUCTS_FILE, HASHES_FILE, MARKER)  # beside SPLIT_DIRS
+_SHARD_FILE = re.compile(r"(train|val|test)-\d{5}\.(tfrecord|idx)")  # what _ChunkWriters names a shard
 
 
 def image_hash(picture: bytes) -> bytes:
@@ -270,11 +273,13 @@ def _quarantine(res: ChunkResult, pid, offset, image_index, reason, images=0) ->
         res.counts["images_quarantined"] += images
 
 
-def _read_product(st: Settings, check, res: ChunkResult, off: int, dup: int, doc):
+def _read_product(st: Settings, check, res: ChunkResult, off: int, scan_id: int, kept_at: int, doc):
     """``(id, label, image indices, JPEG bytes)`` of a usable product (its good images); else None, with the
-    product and its bad images in ``res``'s quarantine. ``doc`` is what ``_documents`` gave."""
+    product and its bad images in ``res``'s quarantine. ``doc`` is what ``_documents`` gave, ``scan_id`` the
+    offset scan's ``_id`` (names a document that does not decode), ``kept_at`` the offset of the copy of a
+    duplicated ``_id`` that is written (-1: this one, or the id is not duplicated)."""
     if type(doc) is str:
-        _quarantine(res, "", off, "", doc)
+        _quarantine(res, "" if scan_id == OffsetIndex.MISSING_ID else scan_id, off, "", doc)
         return None
     pid = doc.get("_id")
     imgs = doc.get("imgs")
@@ -283,8 +288,8 @@ def _read_product(st: Settings, check, res: ChunkResult, off: int, dup: int, doc
     if isinstance(pid, bool) or not isinstance(pid, int):
         _quarantine(res, "", off, "", f"_id {pid!r} is missing or not an integer", n_imgs)
         return None
-    if dup >= 0:
-        _quarantine(res, pid, off, "", f"duplicate _id (first seen at offset {dup}; that one is kept)", n_imgs)
+    if 0 <= kept_at < off:
+        _quarantine(res, pid, off, "", f"duplicate _id (the copy at offset {kept_at} is kept)", n_imgs)
         return None
     label = -1
     if st.labelled:
@@ -355,7 +360,7 @@ def picture_sizes(counter: Counter, limit: Optional[int] = None) -> Dict[str, in
 
 
 def _process_chunk(args) -> ChunkResult:
-    st, chunk, offsets, lengths, ids, dup_of = args
+    st, chunk, offsets, lengths, ids, kept_at = args
     res = ChunkResult(chunk)
     writers = _ChunkWriters(st.out, chunk)
     check = make_check(st.verify, st.max_side)
@@ -368,14 +373,20 @@ def _process_chunk(args) -> ChunkResult:
     hash_labels: List[int] = []
     reported = 0  # documents counted in the progress report
     try:
-        for i, (off, dup, doc) in enumerate(zip(offsets, dup_of.tolist(), docs)):
+        for i, (off, kept, doc) in enumerate(zip(offsets, kept_at.tolist(), docs)):
             if i - reported == _PROGRESS_EVERY:
                 _report_progress(i - reported, sum(lengths[reported:i]))
                 reported = i
-            got = _read_product(st, check, res, off, dup, doc)
+            got = _read_product(st, check, res, off, ids[i], kept, doc)
             if got is None:
+                if kept > off:  # an unusable copy of a duplicated _id: its product row was the last one added
+                    res.quarantine[-1][3] += f" (duplicate _id: the copy at offset {kept} is kept)"
                 continue
             pid, label, good, pics, sizes = got
+            if kept > off:  # _duplicates found this copy unusable
+                raise RepackError(f"{st.bson_path}: product {pid} at offset {off} reads otherwise than when the "
+                                  "copy of its duplicated _id to keep was chosen: the file changed during the "
+                                  "repack; re-run it on a file that does not change")
             k = len(good)
             if val is None:
                 split = "test"
@@ -407,19 +418,87 @@ def _process_chunk(args) -> ChunkResult:
     return res
 
 
+def _duplicates(index: OffsetIndex, st: Settings) -> np.ndarray:
+    """Per document, the offset of the copy of its ``_id`` that is written, where that is another copy; else -1
+    (not duplicated, the kept copy itself, or no copy is usable). The kept copy is the first usable one in file
+    order, found here before the chunks run (a chunk sees only its own copies); duplicates are rare, so
+    decoding them twice costs nothing that shows."""
+    kept_at = np.full(len(index), -1, np.int64)
+    known = np.flatnonzero(index.ids != OffsetIndex.MISSING_ID)
+    _, which, n = np.unique(index.ids[known], return_inverse=True, return_counts=True)
+    copies: Dict[int, List[int]] = {}
+    for i in known[n[which] > 1].tolist():  # file order
+        copies.setdefault(int(index.ids[i]), []).append(i)
+    check = make_check(st.verify, st.max_side)
+    for group in copies.values():
+        for i in group:
+            doc = next(_documents(st.bson_path, index.offsets[i:i + 1], index.lengths[i:i + 1], st.max_doc_bytes))
+            if _read_product(st, check, ChunkResult(-1), int(index.offsets[i]), int(index.ids[i]), -1, doc):
+                kept_at[group] = index.offsets[i]
+                kept_at[i] = -1
+                break
+    return kept_at
+
+
 # ---- the driver ----------------------------------------------------------------------------------
-def _prepare_out(out: str, overwrite: bool) -> None:
-    manifest = os.path.join(out, MANIFEST)
-    if os.path.exists(manifest) and not overwrite:
+def _is_repack(out: str) -> bool:
+    """Whether ``out`` holds a finished repack: a manifest of this format."""
+    try:
+        with open(os.path.join(out, MANIFEST)) as f:
+            return isinstance(json.load(f).get("format_version"), int)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _prepare_out(out: str, overwrite: bool, bson_path: str) -> None:
+    """Make ``out`` an unfinished repack (``MARKER``) with none of a repack's files in it. ``out`` must be new,
+    empty, a finished repack (with ``overwrite``) or an unfinished one; anything else is refused."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RepackError(f"--out {out} is a file, not a directory; choose a new directory for the repack")
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    finished = bool(names) and _is_repack(out)
+    if finished and not overwrite:
         raise RepackError(f"{out} already holds a repacked dataset ({MANIFEST} exists); "
                           "pass --overwrite to replace it, or choose another --out")
+    if names and not finished and MARKER not in names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise RepackError(f"--out {out} is not empty ({shown}) and is not a repack's directory (no {MANIFEST} "
+                          f"of a repack, no {MARKER}); repack writes only into a new or empty directory, or "
+                          "over its own: choose another --out (nothing was removed)")
     os.makedirs(out, exist_ok=True)
-    if os.path.exists(manifest):
-        os.remove(manifest)  # first: a crash from here on leaves no manifest, i.e. no dataset
+    atomic_write_text(os.path.join(out, MARKER), f"a repack of {bson_path} started at "
+                      f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; removed when {MANIFEST} is written\n")
+    if finished:
+        os.remove(os.path.join(out, MANIFEST))  # first: a crash from here on leaves no manifest, i.e. no dataset
+    _remove_own_files(out)
+
+
+def _remove_own_files(out: str, temporaries_only: bool = False) -> None:
+    """Remove the files a repack writes in ``out`` (or only their temporaries), nothing else; shard folders
+    left empty go too. The marker stays."""
+    def ours(name: str, allowed) -> bool:
+        target = temp_target(name)
+        return (not temporaries_only and allowed(name)) or (target is not None and allowed(target))
+
     for name in os.listdir(out):
-        p = os.path.join(out, name)
-        if name in _OWNED or ".tmp" in name:  # atomic writes' temporaries, of this version or older ones
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        path = os.path.join(out, name)
+        if name in SPLIT_DIRS and os.path.isdir(path) and not os.path.islink(path):
+            for root, dirs, files in os.walk(path, topdown=False):
+                for f in files:
+                    if ours(f, _SHARD_FILE.fullmatch):
+                        os.remove(os.path.join(root, f))
+                for d in dirs:
+                    _rmdir_if_empty(os.path.join(root, d))
+            _rmdir_if_empty(path)
+        elif os.path.isfile(path) and ours(name, lambda n: n in _FILES and n != MARKER):
+            os.remove(path)
+
+
+def _rmdir_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:  # not empty: something not ours is in it
+        pass
 
 
 def _show(bar: Progress, counters, force: bool = False) -> None:
@@ -458,111 +537,110 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
         index = scan_offsets(bson_path)
     except BsonFileError as e:
         raise RepackError(str(e)) from None
-    _prepare_out(out, overwrite)
+    _prepare_out(out, overwrite, bson_path)
+    try:
 
-    # Duplicate ids, decided up front from the scan so that the first occurrence is the one kept.
-    dup_of = np.full(len(index), -1, np.int64)
-    known = np.flatnonzero(index.ids != OffsetIndex.MISSING_ID)
-    _, first, which = np.unique(index.ids[known], return_index=True, return_inverse=True)
-    first_of = known[first[which]]  # for each known id, where its first occurrence is
-    dup = first_of != known
-    dup_of[known[dup]] = index.offsets[first_of[dup]]
-
-    st = Settings(bson_path, out, not unlabelled, class_index, val_fraction, verify, max_doc_bytes,
-                  max_image_bytes, max_side)
-    ranges = index.ranges(int(shard_size_mb * (1 << 20)))
-    tasks = [(st, c, index.offsets[a:b], index.lengths[a:b], index.ids[a:b], dup_of[a:b])
-             for c, (a, b) in enumerate(ranges)]
-    workers = max(1, min(workers, len(tasks) or 1))
-    ctx = mp.get_context("fork")
-    counters = ctx.Array("q", 2)
-    bar = Progress("repack", len(index), "products", enabled=progress)
-    results: List[ChunkResult] = []
-    if workers == 1:
-        _init_worker(counters, excluded)
-        for t in tasks:
-            results.append(_process_chunk(t))
-            _show(bar, counters)
-    else:
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(counters, excluded)) as pool:
-            pending = pool.imap(_process_chunk, tasks)
-            for _ in tasks:
-                while True:
-                    try:
-                        results.append(pending.next(timeout=0.5))
-                        break
-                    except mp.TimeoutError:
-                        _show(bar, counters)
+        st = Settings(bson_path, out, not unlabelled, class_index, val_fraction, verify, max_doc_bytes,
+                      max_image_bytes, max_side)
+        _init_worker(None, excluded)
+        kept_at = _duplicates(index, st)
+        ranges = index.ranges(int(shard_size_mb * (1 << 20)))
+        tasks = [(st, c, index.offsets[a:b], index.lengths[a:b], index.ids[a:b], kept_at[a:b])
+                 for c, (a, b) in enumerate(ranges)]
+        workers = max(1, min(workers, len(tasks) or 1))
+        ctx = mp.get_context("fork")
+        counters = ctx.Array("q", 2)
+        bar = Progress("repack", len(index), "products", enabled=progress)
+        results: List[ChunkResult] = []
+        if workers == 1:
+            _init_worker(counters, excluded)
+            for t in tasks:
+                results.append(_process_chunk(t))
                 _show(bar, counters)
-    _show(bar, counters, force=True)
-    bar.finish()
-    _init_worker(None)
+        else:
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(counters, excluded)) as pool:
+                pending = pool.imap(_process_chunk, tasks)
+                for _ in tasks:
+                    while True:
+                        try:
+                            results.append(pending.next(timeout=0.5))
+                            break
+                        except mp.TimeoutError:
+                            _show(bar, counters)
+                    _show(bar, counters)
+        _show(bar, counters, force=True)
+        bar.finish()
+        _init_worker(None)
 
-    counts: Counter = Counter()
-    shards: Dict[str, List[dict]] = {}
-    qrows: List[list] = []
-    sizes: Dict[str, Counter] = {}
-    for r in results:
-        counts.update(r.counts)
-        for split, c in r.sizes.items():
-            sizes.setdefault(split, Counter()).update(c)
-        qrows.extend(r.quarantine)
-        for group, infos in r.shards.items():
-            shards.setdefault(group, []).extend(infos)
-    if not index.complete:
-        qrows.append(["", index.stop_offset, "", f"unreadable from here to the end of the file "
-                      f"({index.file_size - index.stop_offset} bytes): {index.stop_reason}"])
-    for key in ("products_read", "products_written", "products_quarantined", "images_read",
-                "images_written", "images_quarantined"):
-        counts.setdefault(key, 0)
-    if (counts["products_read"] != counts["products_written"] + counts["products_quarantined"]
-            or counts["images_read"] != counts["images_written"] + counts["images_quarantined"]):
-        raise AssertionError(f"repack lost track of products or images: {dict(counts)}")  # a bug, not input
+        counts: Counter = Counter()
+        shards: Dict[str, List[dict]] = {}
+        qrows: List[list] = []
+        sizes: Dict[str, Counter] = {}
+        for r in results:
+            counts.update(r.counts)
+            for split, c in r.sizes.items():
+                sizes.setdefault(split, Counter()).update(c)
+            qrows.extend(r.quarantine)
+            for group, infos in r.shards.items():
+                shards.setdefault(group, []).extend(infos)
+        if not index.complete:
+            qrows.append(["", index.stop_offset, "", f"unreadable from here to the end of the file "
+                          f"({index.file_size - index.stop_offset} bytes): {index.stop_reason}"])
+        for key in ("products_read", "products_written", "products_quarantined", "images_read",
+                    "images_written", "images_quarantined"):
+            counts.setdefault(key, 0)
+        if (counts["products_read"] != counts["products_written"] + counts["products_quarantined"]
+                or counts["images_read"] != counts["images_written"] + counts["images_quarantined"]):
+            raise AssertionError(f"repack lost track of products or images: {dict(counts)}")  # a bug, not input
 
-    # Side files first, the manifest last: a DATA directory with a manifest is complete.
-    atomic_write_text(os.path.join(out, "quarantine.csv"), csv_text(QUARANTINE_FIELDS, qrows))
-    if cats:
-        atomic_write_text(os.path.join(out, "classes.csv"), csv_text(
-            ["index", "category_id", "category_level1", "category_level2", "category_level3"],
-            [(i, *row) for i, row in enumerate(cats)]))
-    if unlabelled:
-        order = sorted((o for r in results for o in r.order), key=lambda t: t[1])
-        atomic_write_text(os.path.join(out, "products.csv"),
-                          csv_text(["product_id", "offset", "num_images"], order))
-    hashes = np.concatenate([r.hashes for r in results] or [np.zeros(0, HASH_DTYPE)])
-    if not unlabelled:  # class index -> category id
-        hashes["category_id"] = np.asarray([c[0] for c in cats], np.int64)[hashes["category_id"]]
-    hashes = hashes[np.lexsort((hashes["category_id"], hashes["product_id"], hashes["hash"]))]
-    with atomic_open(os.path.join(out, HASHES_FILE), "wb") as f:
-        np.save(f, hashes, allow_pickle=False)
-    split_names = ["train", "val"] if not unlabelled else ["test"]
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "labelled": not unlabelled,
-        "num_classes": len(cats),
-        "splits": {s: {"products": counts[f"{s}_products"], "images": counts[f"{s}_images"],
-                       "picture_sizes": picture_sizes(sizes.get(s, Counter())),
-                       "shards": shards.get(s, [])} for s in split_names},
-        "products_k": {str(k): {s: {"products": counts[f"k{k}_{s}"], "shards": shards.get(f"products/k{k}/{s}", [])}
-                                for s in split_names} for k in range(1, MAX_K + 1)},
-        "counts": {k: counts[k] for k in ("products_read", "products_written", "products_quarantined",
-                                          "images_read", "images_written", "images_quarantined")},
-        "quarantine": {"rows": len(qrows), "products": counts["products_quarantined"],
-                       "images": counts["images_quarantined"], "file": "quarantine.csv"},
-        "exclude": None if not exclude else {
-            "file": os.path.basename(exclude), "listed": n_listed, "images_excluded": counts["images_excluded"],
-            "not_matched": n_listed - counts["images_excluded"]},
-        "incomplete_source": None if index.complete else {
-            "stop_offset": index.stop_offset, "reason": index.stop_reason,
-            "unread_bytes": index.file_size - index.stop_offset},
-        "settings": {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "verify": verify,
-                     "max_doc_bytes": max_doc_bytes, "max_image_bytes": max_image_bytes,
-                     "max_side": max_side},
-        "source": {"bson": {"name": os.path.basename(bson_path), "size": index.file_size},
-                   "categories": ({"name": os.path.basename(categories), "size": os.path.getsize(categories)}
-                                  if categories else None)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.time() - t0, 3),
-    }
-    atomic_write_text(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+        # Side files first, the manifest last: a DATA directory with a manifest is complete.
+        atomic_write_text(os.path.join(out, QUARANTINE_FILE), csv_text(QUARANTINE_FIELDS, qrows))
+        if cats:
+            atomic_write_text(os.path.join(out, CLASSES_FILE), csv_text(
+                ["index", "category_id", "category_level1", "category_level2", "category_level3"],
+                [(i, *row) for i, row in enumerate(cats)]))
+        if unlabelled:
+            order = sorted((o for r in results for o in r.order), key=lambda t: t[1])
+            atomic_write_text(os.path.join(out, PRODUCTS_FILE),
+                              csv_text(["product_id", "offset", "num_images"], order))
+        hashes = np.concatenate([r.hashes for r in results] or [np.zeros(0, HASH_DTYPE)])
+        if not unlabelled:  # class index -> category id
+            hashes["category_id"] = np.asarray([c[0] for c in cats], np.int64)[hashes["category_id"]]
+        hashes = hashes[np.lexsort((hashes["category_id"], hashes["product_id"], hashes["hash"]))]
+        with atomic_open(os.path.join(out, HASHES_FILE), "wb") as f:
+            np.save(f, hashes, allow_pickle=False)
+        split_names = ["train", "val"] if not unlabelled else ["test"]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "labelled": not unlabelled,
+            "num_classes": len(cats),
+            "splits": {s: {"products": counts[f"{s}_products"], "images": counts[f"{s}_images"],
+                           "picture_sizes": picture_sizes(sizes.get(s, Counter())),
+                           "shards": shards.get(s, [])} for s in split_names},
+            "products_k": {str(k): {s: {"products": counts[f"k{k}_{s}"], "shards": shards.get(f"products/k{k}/{s}", [])}
+                                    for s in split_names} for k in range(1, MAX_K + 1)},
+            "counts": {k: counts[k] for k in ("products_read", "products_written", "products_quarantined",
+                                              "images_read", "images_written", "images_quarantined")},
+            "quarantine": {"rows": len(qrows), "products": counts["products_quarantined"],
+                           "images": counts["images_quarantined"], "file": QUARANTINE_FILE},
+            "exclude": None if not exclude else {
+                "file": os.path.basename(exclude), "listed": n_listed, "images_excluded": counts["images_excluded"],
+                "not_matched": n_listed - counts["images_excluded"]},
+            "incomplete_source": None if index.complete else {
+                "stop_offset": index.stop_offset, "reason": index.stop_reason,
+                "unread_bytes": index.file_size - index.stop_offset},
+            "settings": {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "verify": verify,
+                         "max_doc_bytes": max_doc_bytes, "max_image_bytes": max_image_bytes,
+                         "max_side": max_side},
+            "source": {"bson": {"name": os.path.basename(bson_path), "size": index.file_size},
+                       "categories": ({"name": os.path.basename(categories), "size": os.path.getsize(categories)}
+                                      if categories else None)},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - t0, 3),
+        }
+        atomic_write_text(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    except BaseException:  # a failure or an interrupt (Ctrl-C, SIGTERM via fileio.interruptible)
+        _remove_own_files(out, temporaries_only=True)  # the workers are gone: the pool was terminated
+        raise
+    os.remove(os.path.join(out, MARKER))
     return manifest
