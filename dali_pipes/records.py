@@ -23,6 +23,9 @@ QUARANTINE_FILE = "quarantine.csv"  # every product or image not written, with t
 PRODUCTS_FILE = "products.csv"  # unlabelled repacks: the written products in file order
 HASHES_FILE = "image_hashes.npy"  # a 64-bit hash of every written image (tools.predict --dedup)
 SPLIT_DIRS = ("train", "val", "test", "products")  # image shards per split; products/k{K}/{split}/
+# Written into the directory before anything else and removed once the manifest is written: a directory
+# with it is an unfinished repack, whose files a re-run may remove (repack removes nothing elsewhere).
+REPACK_MARKER = ".repack-unfinished"
 
 # ---- schema -------------------------------------------------------------------------------------
 # Feature name -> kind ("bytes" or "int64"). Writer, reader and DALI pipelines all use these.

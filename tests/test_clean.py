@@ -149,3 +149,21 @@ def test_clean_lists_the_worst_fraction_by_loss(data_dir, tmp_path):
         assert int(x["category_id"]) == cats[labels[key]]
         assert x["reason"] == f"high loss under {tmp_path / 'r0'}"
     assert int(rows[0]["predicted_category_id"]) in cats
+
+
+def test_clean_refuses_a_tiled_model(data_dir, tmp_path, capsys):
+    """clean scores single images: a checkpoint trained on tiled products (data.tiled_k 2) is one error line."""
+    from train import checkpoint
+    from tools import clean
+
+    ckpt = tmp_path / "k2" / "best.pt"
+    os.makedirs(ckpt.parent)
+    _random_checkpoint(data_dir, ckpt)
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ck["config"]["data"]["tiled_k"] = 2
+    checkpoint.save(ck, str(ckpt))
+    rc = clean.main(["--data", str(data_dir), "--checkpoint", str(ckpt), "--drop-fraction", "0.1", "--out",
+                     str(tmp_path / "x.csv"), "--backend", "dali-cpu", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and f"{ckpt}: trained with data.tiled_k 2" in err, err
+    assert "need data.tiled_k 0" in err and not (tmp_path / "x.csv").exists()

@@ -39,3 +39,22 @@ def test_blocker_really_blocks_the_writer(data_dir):
     code = _READER.split("from dali_pipes.config")[0] + "import dali_pipes.writer.repack\n"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "blocked for this test" in r.stderr
+
+
+_TRAIN = _READER.split("from dali_pipes.config")[0] + r"""
+import importlib, pkgutil, train
+names = sorted(m.name for m in pkgutil.iter_modules(train.__path__, "train."))
+for name in names:
+    importlib.import_module(name)
+blocked = [m for m in sys.modules if m.split(".")[0] in ("bson", "pymongo") or m.startswith("dali_pipes.writer")]
+print(names, blocked)
+"""
+
+
+def test_train_needs_neither_writer_nor_pymongo():
+    # Every module of train/ (the trainer, evaluation, predict) reads DATA only: repacking a --bson for
+    # predict belongs to tools/predict.py, DATA's file names to dali_pipes/records.py.
+    r = subprocess.run([sys.executable, "-c", _TRAIN], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout.strip().splitlines()[-1]
+    assert "'train.predict'" in out and "'train.train'" in out and out.endswith(" []"), out

@@ -159,38 +159,46 @@ def test_no_id_repeated_id_and_the_default_fallback(trained, tmp_path, capsys):
     from PIL import Image
 
     Image.fromarray(np.zeros((180, 180, 3), np.uint8)).save(png, "PNG")
-    first = good[3]["_id"]
+    first, later = good[3]["_id"], good[12]["_id"]
+    body_bad = bytearray(bson.encode({"_id": 900012, "imgs": [{"picture": make_jpeg(2, seed=5)}]}))
+    body_bad[13] = 0x7F  # the element after the leading _id: the body does not decode, the offset scan reads the _id
     bad = [{"imgs": [{"picture": make_jpeg(0, seed=3)}]},  # no _id: no row possible
            {"_id": first, "imgs": [{"picture": make_jpeg(1, seed=4)}]},  # repeats an earlier _id
            {"_id": 900010, "imgs": []},
-           {"_id": 900011, "imgs": [{"picture": png.getvalue()}]}]
+           {"_id": 900011, "imgs": [{"picture": png.getvalue()}]},
+           bytes(body_bad),
+           {"_id": later, "imgs": []}]  # an unusable first copy: the later good copy is written, one row
     src = tmp_path / "edge.bson"
     with open(src, "wb") as f:
         for d in good[:5] + bad[:2] + good[5:9] + bad[2:] + good[9:]:
-            f.write(bson.encode(d))
+            f.write(d if isinstance(d, bytes) else bson.encode(d))
     out, r = predict(trained, tmp_path, capsys, bson_path=src)
     sub = rows(out)
-    # one row per _id, in the file's order: the document without _id and the repeated one have none
-    assert [int(x["_id"]) for x in sub] == [d["_id"] for d in good[:9]] + [900010, 900011] + \
+    # one row per _id, in the file's order: the document without _id and the repeated copies have none
+    assert [int(x["_id"]) for x in sub] == [d["_id"] for d in good[:9]] + [900010, 900011, 900012] + \
         [d["_id"] for d in good[9:]]
-    assert len(sub) == len(good) + 2 == 16
+    assert len(sub) == len(good) + 3 == 17
     written = {int(x["_id"]): int(x["category_id"]) for x in sub}
     # the default fallback: the category predicted most often among the products with images
     tally = collections.Counter(written[d["_id"]] for d in good).most_common()
     assert tally[0][0] == major and tally[0][1] > tally[1][1], tally
-    assert written[900010] == written[900011] == major
+    assert written[900010] == written[900011] == written[900012] == major
     report = rows(str(out).replace(".csv", ".report.csv"))
-    assert [x["_id"] for x in report] == ["900010", "900011", str(first), ""]
+    assert [x["_id"] for x in report] == ["900010", "900011", "900012", str(first), str(later), ""]
     by_id = {x["_id"]: x for x in report}
     assert by_id["900010"]["reason"] == "product has no images"
     assert by_id["900011"]["reason"] == "no readable image: image 0: not a JPEG (PNG image)"
     assert [int(by_id[k]["category_id_written"]) for k in ("900010", "900011")] == [major, major]
-    assert by_id[str(first)]["reason"].startswith("duplicate _id (first seen at offset ")
+    assert by_id["900012"]["reason"].startswith("BSON document does not decode")
+    assert int(by_id["900012"]["category_id_written"]) == major
+    assert by_id[str(first)]["reason"].startswith("duplicate _id (the copy at offset ")
     assert "no second row" in by_id[str(first)]["reason"]
     assert int(by_id[str(first)]["category_id_written"]) == written[first]
+    assert by_id[str(later)]["reason"].startswith("product has no images (duplicate _id: the copy at offset ")
+    assert "no second row" in by_id[str(later)]["reason"]
     assert "_id None is missing" in by_id[""]["reason"] and "no _id, so no row" in by_id[""]["reason"]
-    assert "2 without a readable image" in r.stdout and "1 documents had no _id" in r.stdout
-    assert "1 documents repeat an earlier document's _id" in r.stdout
+    assert "3 without a readable image" in r.stdout and "1 documents had no readable _id" in r.stdout
+    assert "2 documents repeat the _id of another copy" in r.stdout
 
 
 def test_unknown_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
@@ -235,8 +243,14 @@ def small(trained, tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     ck["model"]["fc.weight"] = ck["model"]["fc.weight"][torch.randperm(ck["model"]["fc.weight"].shape[0], generator=g)]
     torch.save(ck, d / "other.pt")
+    tiled = {}
+    for k in (2, 4):  # the same weights as a tiled model: a checkpoint of a finetune_k{K} run says data.tiled_k K
+        ck["config"]["data"]["tiled_k"] = k
+        tiled[k] = str(d / f"other_k{k}.pt")
+        torch.save(ck, tiled[k])
     return {"dir": d, "bson": d / "test.bson", "data": d / "T", "ids": [doc["_id"] for doc in docs],
-            "pics": [[img["picture"] for img in doc["imgs"]] for doc in docs], "other": str(d / "other.pt")}
+            "pics": [[img["picture"] for img in doc["imgs"]] for doc in docs], "other": str(d / "other.pt"),
+            "tiled": tiled}
 
 
 def _loader_dtype(small, ckpt):
@@ -347,8 +361,8 @@ def test_weighted_ensemble_of_two_checkpoints_and_flip_tta_by_hand(trained, smal
 def test_tiled_models_blend_half_and_half_by_hand(trained, small, tmp_path, capsys):
     uint8 = _loader_dtype(small, trained["ckpt"]) == torch.uint8
     a, b = Hand(trained["ckpt"], uint8), Hand(small["other"], uint8)
-    _, pt = predict_small(small, tmp_path, capsys, "tiled", "--tiled", f"2={small['other']}", "--tiled",
-                          f"4={small['other']}", "--batch", "3", ckpt=trained["ckpt"])
+    _, pt = predict_small(small, tmp_path, capsys, "tiled", "--tiled", f"2={small['tiled'][2]}", "--tiled",
+                          f"4={small['tiled'][4]}", "--batch", "3", ckpt=trained["ckpt"])
     for pics, got in zip(small["pics"], pt):
         img = a.product(pics)
         want = (img + b.tiled(pics)) / 2 if len(pics) in (2, 4) else img
@@ -360,8 +374,8 @@ def test_tiled_flip_tta_mirrors_each_tile_in_its_place_by_hand(trained, small, t
     order kept), not the mirror of the whole strip or grid."""
     uint8 = _loader_dtype(small, trained["ckpt"]) == torch.uint8
     a, b = Hand(trained["ckpt"], uint8), Hand(small["other"], uint8)
-    _, pt = predict_small(small, tmp_path, capsys, "tiledflip", "--tta", "flip", "--tiled", f"2={small['other']}",
-                          "--tiled", f"4={small['other']}", "--batch", "3", ckpt=trained["ckpt"])
+    _, pt = predict_small(small, tmp_path, capsys, "tiledflip", "--tta", "flip", "--tiled", f"2={small['tiled'][2]}",
+                          "--tiled", f"4={small['tiled'][4]}", "--batch", "3", ckpt=trained["ckpt"])
     for pics, got in zip(small["pics"], pt):
         img = a.product(pics, flip=True)
         want = (img + (b.tiled(pics) + b.tiled(pics, flip=True)) / 2) / 2 if len(pics) in (2, 4) else img
@@ -398,7 +412,7 @@ def test_products_with_more_than_four_images_use_all_images_and_the_tiled_model_
     assert repack.main(["--bson", str(tmp_path / "many.bson"), "--unlabelled", "--out", str(tmp_path / "M"),
                         "--quiet"]) == 0
     many = {"data": tmp_path / "M", "ids": [800 + i for i in range(len(products))]}
-    _, pt = predict_small(many, tmp_path, capsys, "many", "--tiled", f"4={small['other']}", "--batch", "4",
+    _, pt = predict_small(many, tmp_path, capsys, "many", "--tiled", f"4={small['tiled'][4]}", "--batch", "4",
                           ckpt=trained["ckpt"])
     for pics, got in zip(products, pt):
         img = a.product(pics)  # every image of the product
@@ -411,7 +425,7 @@ def test_products_with_more_than_four_images_use_all_images_and_the_tiled_model_
 def test_repack_records_every_image_hash_with_its_product_and_category(trained):
     import hashlib
 
-    from dali_pipes.writer.repack import HASHES_FILE
+    from dali_pipes.records import HASHES_FILE
 
     h = np.load(os.path.join(str(trained["data"]), HASHES_FILE))
     want = sorted((int.from_bytes(hashlib.blake2b(img["picture"], digest_size=8).digest(), "little"), d["_id"],
@@ -465,7 +479,7 @@ def test_dedup_gives_duplicates_the_train_label(trained, small, tmp_path, capsys
 
 
 def test_dedup_needs_a_labelled_repack_with_hashes(trained, small, tmp_path, capsys):
-    from dali_pipes.writer.repack import HASHES_FILE
+    from dali_pipes.records import HASHES_FILE
 
     _, r = predict(trained, tmp_path, capsys, "--dedup", str(small["data"]), bson_path=small["bson"], check=False)
     assert r.returncode == 2 and "unlabelled repack" in r.stderr
@@ -484,6 +498,10 @@ def test_gpu_predict_matches_cpu(trained, small, tmp_path, capsys):
                            ckpt=trained["ckpt"])
     _, gpu = predict_small(small, tmp_path, capsys, "gpu", "--backend", "dali-gpu", "--tta", "flip", "--batch", "7",
                            ckpt=trained["ckpt"])
+    # dali-cpu decoding, the models on the GPU (the default device): the CPU's pixels, the GPU's arithmetic
+    _, cpu_to_gpu = predict_small(small, tmp_path, capsys, "cpu2gpu", "--backend", "dali-cpu", "--tta", "flip",
+                                  ckpt=trained["ckpt"])
+    assert np.abs(cpu_to_gpu - cpu).mean() < 0.01
     # bf16 autocast and the GPU JPEG decoder move a few probabilities by up to ~0.06 (seen on an H200: 13 of 800
     # above 0.03); on average they agree to a fraction of a percent
     diff = np.abs(gpu - cpu)
@@ -491,3 +509,120 @@ def test_gpu_predict_matches_cpu(trained, small, tmp_path, capsys):
     top2 = np.sort(cpu, 1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.1
     assert (gpu.argmax(1) == cpu.argmax(1))[clear].all()
+
+
+# ---- tiling, device, temporaries -------------------------------------------------------------------------
+def test_member_trained_on_other_tiling_is_refused(trained, small, tmp_path, capsys):
+    """--checkpoint takes single-image models (data.tiled_k 0), --tiled K= models of K: a mismatch is one error
+    line naming the file and both values (not silently degraded predictions)."""
+    from tools import predict as cli
+
+    def run_cli(*extra):
+        capsys.readouterr()
+        rc = cli.main(["--data", str(small["data"]), "--out", str(tmp_path / "x.csv"), "--quiet", *extra])
+        return rc, capsys.readouterr().err.strip()
+
+    k2 = small["tiled"][2]
+    for extra, got, want in [(["--checkpoint", k2], 2, 0),
+                             (["--checkpoint", trained["ckpt"], "--tiled", f"3={k2}"], 2, 3),
+                             (["--checkpoint", trained["ckpt"], "--tiled", f"2={trained['ckpt']}"], 0, 2)]:
+        rc, err = run_cli(*extra)
+        bad = k2 if got else trained["ckpt"]
+        assert rc == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"predict: error: {bad}: trained with data.tiled_k {got}, ") and \
+            f"need data.tiled_k {want}" in err, err
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_device_is_its_own_setting_not_the_backend(monkeypatch, cuda):
+    from train.predict import PredictError, resolve_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    gpu = torch.device("cuda")
+    cpu = torch.device("cpu")
+    if cuda:  # the models go to the GPU whatever decodes the JPEGs
+        assert resolve_placement(None, None) == ("dali-gpu", gpu)
+        assert resolve_placement("dali-cpu", None) == ("dali-cpu", gpu)
+        assert resolve_placement(None, "cpu") == ("dali-cpu", cpu)
+        with pytest.raises(PredictError, match="--backend dali-cpu"):
+            resolve_placement("dali-gpu", "cpu")
+    else:
+        assert resolve_placement(None, None) == ("dali-cpu", cpu)
+        assert resolve_placement("dali-gpu", None) == ("dali-cpu", cpu)  # the backend policy's fallback
+        with pytest.raises(PredictError, match="--device cuda: torch sees no CUDA device"):
+            resolve_placement("dali-cpu", "cuda")
+
+
+def test_predict_clean_and_bench_put_the_models_on_the_gpu_with_dali_cpu(monkeypatch, tmp_path, capsys):
+    """On a GPU machine (CUDA faked here: the commands stop once the models' device is chosen), --backend
+    dali-cpu still loads the models onto cuda, and the loader gets that device (its page-locked copy stream,
+    the one training uses, takes the batches there)."""
+    import train.predict as tp
+    from tools import bench, clean, predict as cli
+
+    seen = []
+
+    def stop(*args, **kw):
+        seen.append(next(a for a in (*args, *kw.values()) if isinstance(a, torch.device)))
+        raise tp.PredictError("stopped by the test")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tp, "load_ensemble", stop)
+    monkeypatch.setattr(tp, "load_member", stop)
+    common = ["--checkpoint", "x.pt", "--backend", "dali-cpu"]
+    assert cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "s.csv"), *common]) == 2
+    assert clean.main(["--data", str(tmp_path), "--drop-fraction", "0.1", "--out", str(tmp_path / "e.csv"),
+                       *common]) == 2
+    assert bench.main(["predict", "--data", str(tmp_path), *common]) == 2
+    assert cli.main(["--data", str(tmp_path), "--out", str(tmp_path / "s.csv"), "--device", "cpu", *common]) == 2
+    assert [d.type for d in seen] == ["cuda", "cuda", "cuda", "cpu"]
+    assert "stopped by the test" in capsys.readouterr().err
+
+    got = {}
+    monkeypatch.setattr("dali_pipes.loader.build_loader", lambda *a, **kw: got.update(kw) or [None])
+    member = tp.Member("x.pt", 1.0, None, {"data": {}}, [1])
+    tp.make_loader(member, str(tmp_path), "dali-cpu", 4, 1, torch.device("cuda"))
+    assert got["device"] == torch.device("cuda")
+
+
+def _no_temporaries(*dirs):
+    return [os.path.join(r, n) for d in dirs for r, ds, ns in os.walk(d) for n in ds + ns
+            if n.endswith(".tmp") or n.startswith("predict-")]
+
+
+def test_probs_temporary_is_removed_on_failure(trained, small, tmp_path, capsys, monkeypatch):
+    import train.predict as tp
+
+    def out_of_memory(self):
+        raise MemoryError("out of memory (by the test)")
+
+    monkeypatch.setattr(tp.Readback, "result", out_of_memory)
+    with pytest.raises(MemoryError):
+        predict_small(small, tmp_path, capsys, "oom", ckpt=trained["ckpt"])
+    assert not (tmp_path / "oom.npy").exists() and _no_temporaries(tmp_path) == []
+
+
+_SIGTERM_MID_PREDICT = r"""
+import os, signal, sys
+import train.predict as tp
+result = tp.Readback.result
+def terminated(self):  # SIGTERM arrives while the probabilities are being written
+    os.kill(os.getpid(), signal.SIGTERM)
+    return result(self)
+tp.Readback.result = terminated
+from tools import predict
+sys.exit(predict.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_removes_the_probs_temporary_and_the_bson_repack(trained, small, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    r = run("-c", _SIGTERM_MID_PREDICT, "--bson", str(small["bson"]), "--checkpoint", trained["ckpt"], "--out",
+            str(out / "sub.csv"), "--probs", str(out / "p.npy"), "--workdir", str(work), "--threads", "1",
+            "--batch", "8", "--quiet", check=False)
+    assert r.returncode == 128 + 15, r.stderr[-2000:]
+    assert "predict: interrupted (SIGTERM)" in r.stderr and "Traceback" not in r.stderr
+    assert os.listdir(out) == [] and os.listdir(work) == []

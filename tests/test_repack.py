@@ -456,7 +456,7 @@ def test_rerun_killed_run_starts_clean_and_existing_dataset_is_refused(tmp_path,
     import dali_pipes.writer.repack as rp
 
     out, m, _ = run_repack(tmp_path, good_docs(6))
-    assert not os.path.exists(os.path.join(out, rp.MARKER))  # removed once the manifest is written
+    assert not os.path.exists(os.path.join(out, rp.REPACK_MARKER))  # removed once the manifest is written
     # A finished dataset: refused without --overwrite.
     with pytest.raises(RepackError, match="--overwrite"):
         run_repack(tmp_path, good_docs(6))
@@ -472,7 +472,8 @@ def test_rerun_killed_run_starts_clean_and_existing_dataset_is_refused(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         run_repack(tmp_path, good_docs(6), overwrite=True)
     monkeypatch.setattr(rp, "atomic_write_text", real)
-    assert os.path.exists(os.path.join(out, rp.MARKER)) and not os.path.exists(os.path.join(out, "manifest.json"))
+    assert os.path.exists(os.path.join(out, rp.REPACK_MARKER))
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
     # A run whose worker is stopped mid-shard without aborting its writers (a pool worker ended by SIGTERM):
     # the driver removes the shard temporaries it left.
     monkeypatch.setattr(rp._ChunkWriters, "abort", lambda self: None)
@@ -481,7 +482,7 @@ def test_rerun_killed_run_starts_clean_and_existing_dataset_is_refused(tmp_path,
         run_repack(tmp_path, good_docs(6), overwrite=True)
     monkeypatch.undo()
     assert not [n for _, _, ns in os.walk(out) for n in ns if n.endswith(".tmp")]
-    assert os.path.exists(os.path.join(out, rp.MARKER))
+    assert os.path.exists(os.path.join(out, rp.REPACK_MARKER))
     # Leftovers of the killed run (a stale shard, a temporary) beside files of the user's own.
     stale = os.path.join(out, "train", "train-00099.tfrecord")
     os.makedirs(os.path.dirname(stale), exist_ok=True)
@@ -600,3 +601,30 @@ def test_manifest_picture_sizes_are_bounded(tmp_path, monkeypatch):
     out, m, _ = run_repack(tmp_path, docs, val_fraction=0.0, workers=1)
     assert m["splits"]["train"]["picture_sizes"] == {"10x10": 3, "20x10": 1, "other": 5}
     assert rp.picture_sizes(Counter({(20, 20): 1, (9, 9): 2, "other": 4}), 1) == {"9x9": 2, "other": 5}
+
+
+_SIGTERM_MID_REPACK = r"""
+import os, signal, sys
+import dali_pipes.writer.repack as rp
+show = rp._show
+def terminated(*a, **kw):  # the driver is told to stop while the pool's workers write their shards
+    os.kill(os.getpid(), signal.SIGTERM)
+    return show(*a, **kw)
+rp._show = terminated
+from tools import repack
+sys.exit(repack.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_every_worker_and_leaves_no_temporaries(tmp_path):
+    src = write_bson(tmp_path / "in.bson", good_docs(40))
+    cats = write_cats(tmp_path / "cats.csv", [CAT0, CAT0 + 1, CAT0 + 2])
+    out = tmp_path / "D"
+    r = subprocess.run([sys.executable, "-c", _SIGTERM_MID_REPACK, "--bson", src, "--categories", cats, "--out",
+                        str(out), "--workers", "2", "--shard-size-mb", "0.01"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 128 + 15, r.stderr[-2000:]
+    assert r.stderr.strip() == "repack: interrupted (SIGTERM); its temporary files are removed", r.stderr[-2000:]
+    assert not [n for _, _, ns in os.walk(out) for n in ns if n.endswith(".tmp")]
+    assert os.path.exists(out / ".repack-unfinished") and not os.path.exists(out / "manifest.json")
+    assert cli("--bson", src, "--categories", cats, "--out", str(out)).returncode == 0  # the re-run finishes it

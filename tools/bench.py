@@ -23,6 +23,8 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from dali_pipes.fileio import interruptible
+
 
 # ---- environment and output ----------------------------------------------------------------------
 def environment(batch: Optional[int] = None, threads: Optional[int] = None) -> dict:
@@ -532,17 +534,16 @@ def bench_predict(a) -> dict:
     loader, kept in memory. With ``--bson`` the unlabelled repack is timed on its own first."""
     import torch
 
-    from dali_pipes.config import resolve_backend
     from dali_pipes.dataset import open_dataset
-    from train.predict import Scorer, cleanup, load_ensemble, make_loader, predict, repack_for_predict
+    from tools.predict import cleanup, repack_for_predict
+    from train.predict import Scorer, load_ensemble, make_loader, predict, resolve_placement
 
     if bool(a.data) == bool(a.bson):
         raise ValueError("bench predict: give either --data DATA_TEST (an unlabelled repack) or --bson test.bson")
-    backend = resolve_backend(a.backend)
-    device = torch.device("cuda" if backend == "dali-gpu" else "cpu")
+    backend, device = resolve_placement(a.backend, a.device)
     members = load_ensemble(a.checkpoint, device)
-    res = {"mode": "predict", "backend": backend, "tta": a.tta, "models": len(members)}
-    sync = _sync_for(backend)
+    res = {"mode": "predict", "backend": backend, "device": device.type, "tta": a.tta, "models": len(members)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     work = None
     try:
         data = a.data
@@ -573,7 +574,7 @@ def bench_predict(a) -> dict:
         del batches
         with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
             t0 = time.perf_counter()
-            s = predict(data, members, os.path.join(tmp, "sub.csv"), batch=a.batch, backend=backend,
+            s = predict(data, members, os.path.join(tmp, "sub.csv"), batch=a.batch, backend=backend, device=device,
                         threads=a.threads, tta=a.tta, progress=False)
             dt = time.perf_counter() - t0
     finally:
@@ -647,7 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", required=True)
     p.add_argument("--forward-batches", type=int, default=20, help="batches kept in memory for forward-only")
     p.add_argument("--tmp", default=None, help="where the --bson repack and the submission go (deleted)")
-    p.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None)
+    p.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None,
+                   help="JPEG decoding; default: dali-gpu with CUDA (dali-cpu with --device cpu)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="where the models run, whatever the backend; default: cuda when available")
     p.add_argument("--tta", choices=["none", "flip"], default="none")
     p = sub.add_parser("repack", help="repack throughput next to a bare BSON scan")
     p.add_argument("--bson", required=True)
@@ -666,15 +670,17 @@ MODES = {"baseline": bench_baseline, "repack": bench_repack, "loader": bench_loa
          "predict": bench_predict}
 
 
+@interruptible("bench")
 def main(argv=None) -> int:
     from dali_pipes.dataset import DatasetError
     from dali_pipes.writer.repack import RepackError
+    from train.predict import PredictError
 
     a = build_parser().parse_args(argv)
     print(f"bench {a.mode}:")
     try:
         result = MODES[a.mode](a)
-    except (DatasetError, RepackError, ValueError) as e:
+    except (DatasetError, RepackError, PredictError, ValueError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     report(result, a.json)

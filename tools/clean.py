@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dali_pipes.fileio import interruptible
+
 FIELDS = ["product_id", "image_index", "category_id", "loss", "predicted_category_id", "reason"]
 
 
@@ -32,20 +34,19 @@ class CleanError(RuntimeError):
 
 @torch.no_grad()
 def score_images(data: str, checkpoint: str, *, tta: str = "flip", batch: int = 128, backend: Optional[str] = None,
-                 threads: int = 2, split: str = "train", progress: bool = True) -> dict:
+                 device: Optional[str] = None, threads: int = 2, split: str = "train", progress: bool = True) -> dict:
     """Loss of every image of ``split``: arrays ``product_id``, ``image_index``, ``label``, ``loss``, ``pred``
     (class indices), with ``category_ids`` (the class map)."""
-    from dali_pipes.config import DataConfig, drop_legacy_keys, resolve_backend
+    from dali_pipes.config import DataConfig, drop_legacy_keys
     from dali_pipes.dataset import check_class_map, open_dataset
     from dali_pipes.fileio import Progress
     from dali_pipes.loader import build_loader
-    from train.predict import load_member, width_dim
+    from train.predict import load_member, resolve_placement, width_dim
 
     if tta not in ("flip", "none"):
         raise CleanError(f"--tta must be flip or none, not {tta!r}")
-    backend = resolve_backend(backend)  # the one policy: default and fallback as in train and predict
-    device = torch.device("cuda" if backend == "dali-gpu" else "cpu")
-    member = load_member(checkpoint, device)
+    backend, device = resolve_placement(backend, device)  # the policy of predict: two settings
+    member = load_member(checkpoint, device)  # a single-image model (data.tiled_k 0)
     ds = open_dataset(data)
     if not ds.labelled:
         raise CleanError(f"{data}: an unlabelled repack; clean needs the labelled train repack")
@@ -101,6 +102,7 @@ def rows_for(scores: dict, which: np.ndarray, reason: str) -> List[list]:
              f"{scores['loss'][i]:.6f}", int(cats[scores["pred"][i]]), reason] for i in which]
 
 
+@interruptible("clean")
 def main(argv=None) -> int:
     from dali_pipes.dataset import DatasetError
     from dali_pipes.fileio import atomic_write_text, csv_text
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tta", choices=["flip", "none"], default="flip", help="average over the mirror (default)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], help="default: dali-gpu where CUDA is, else dali-cpu (dali-gpu without CUDA falls back, with a note)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], help="where the model runs, whatever the backend; default: "
+                                                              "cuda when available, else cpu")
     ap.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     a = ap.parse_args(argv)
@@ -125,8 +129,8 @@ def main(argv=None) -> int:
         ap.error("--drop-fraction must be in [0, 1)")
     t0 = time.time()
     try:
-        s = score_images(a.data, a.checkpoint, tta=a.tta, batch=a.batch, backend=a.backend, threads=a.threads,
-                         progress=not a.quiet)
+        s = score_images(a.data, a.checkpoint, tta=a.tta, batch=a.batch, backend=a.backend, device=a.device,
+                         threads=a.threads, progress=not a.quiet)
     except (CleanError, PredictError, CheckpointError, DatasetError, ValueError) as e:
         print(f"clean: error: {e}", file=sys.stderr)
         return 2

@@ -2,16 +2,51 @@
 
     python -m tools.predict --bson test.bson --checkpoint RUN/best.pt [--checkpoint OTHER.pt:0.5 ...]
         [--tta none|flip] [--tiled 2=RUN_K2/best.pt ...] [--batch B] [--backend dali-gpu|dali-cpu]
-        --out submission.csv [--probs probs.npy] [--topk 5] [--labels test_answers.csv] [--dedup DATA]
+        [--device cuda|cpu] --out submission.csv [--probs probs.npy] [--topk 5] [--labels test_answers.csv]
+        [--dedup DATA]
+
+The command line owns the ``--bson`` repack (``repack_for_predict``): ``train.predict`` reads DATA only.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import os
+import shutil
 import sys
+import tempfile
+from typing import Dict, Optional, Tuple
 
 from dali_pipes.dataset import DatasetError
-from dali_pipes.writer.repack import RepackError
+from dali_pipes.fileio import interruptible
+from dali_pipes.writer.repack import RepackError, repack
+
+
+def repack_for_predict(bson_path: str, workdir: Optional[str], workers: int) -> Tuple[str, str]:
+    """Unlabelled repack of a test BSON into a fresh work directory; returns (data dir, dir to delete)."""
+    tmp = tempfile.mkdtemp(prefix="predict-", dir=workdir)
+    data = os.path.join(tmp, "data")
+    try:
+        repack(bson_path, data, unlabelled=True, workers=workers, shard_size_mb=64, progress=False)
+    except BaseException:
+        cleanup(tmp)
+        raise
+    return data, tmp
+
+
+def cleanup(path: Optional[str]) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_answers(path: str) -> Dict[int, int]:
+    """``--labels``: ``_id,category_id`` CSV, or a labelled BSON (e.g. a held-out part of train.bson)."""
+    if path.endswith(".bson"):
+        from dali_pipes.writer.bson_io import iter_products
+
+        return {d["_id"]: d["category_id"] for d in iter_products(path) if "category_id" in d}
+    with open(path, newline="") as f:
+        return {int(r["_id"]): int(r["category_id"]) for r in csv.DictReader(f)}
 
 
 def _tiled(spec: str):
@@ -21,6 +56,7 @@ def _tiled(spec: str):
     return int(k), path
 
 
+@interruptible("predict")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -33,7 +69,9 @@ def main(argv=None) -> int:
                     help="K=CHECKPOINT: a tiled-product model for products with K images")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None,
-                    help="default: dali-gpu when CUDA is available, else dali-cpu")
+                    help="JPEG decoding; default: dali-gpu when CUDA is available (dali-cpu with --device cpu)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                    help="where the models run, whatever the backend; default: cuda when available, else cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DALI CPU threads")
     ap.add_argument("--out", required=True, help="submission CSV (_id,category_id)")
     ap.add_argument("--probs", help="also write the product probabilities (float16 .npy, rows as --out)")
@@ -48,21 +86,20 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
 
-    import torch
+    from train.predict import PredictError, load_ensemble, predict, resolve_placement, score
 
-    from dali_pipes.config import resolve_backend
-    from train.predict import PredictError, cleanup, load_ensemble, predict, repack_for_predict
-
-    backend = resolve_backend(a.backend)
     tmp = None
     try:
-        members = load_ensemble(a.checkpoint, torch.device("cuda" if backend == "dali-gpu" else "cpu"))
+        backend, device = resolve_placement(a.backend, a.device)
+        members = load_ensemble(a.checkpoint, device)
         data = a.data
         if a.bson:
             data, tmp = repack_for_predict(a.bson, a.workdir, workers=a.threads)
         s = predict(data, members, a.out, tta=a.tta, tiled=dict(a.tiled), batch=a.batch, backend=backend,
-                    threads=a.threads, probs_path=a.probs, topk=a.topk, fallback=a.fallback,
-                    labels_csv=a.labels, dedup=a.dedup, progress=not a.quiet)
+                    device=device, threads=a.threads, probs_path=a.probs, topk=a.topk, fallback=a.fallback,
+                    dedup=a.dedup, progress=not a.quiet)
+        if a.labels:
+            s["accuracy"] = score(a.out, read_answers(a.labels), a.labels)
     except (PredictError, RepackError, DatasetError, RuntimeError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
@@ -76,10 +113,10 @@ def main(argv=None) -> int:
               f"(listed in {s['report']})")
     print(f"  data wait {100 * s['data_wait_share']:.0f}% of the prediction loop")
     if s["no_id"]:
-        print(f"  {s['no_id']} documents had no _id and get no row; see {s['report']}")
+        print(f"  {s['no_id']} documents had no readable _id and get no row; see {s['report']}")
     if s["repeated_id"]:
-        print(f"  {s['repeated_id']} documents repeat an earlier document's _id and get no second row; see "
-              f"{s['report']}")
+        print(f"  {s['repeated_id']} documents repeat the _id of another copy, which has its row: no second row; "
+              f"see {s['report']}")
     if "accuracy" in s:
         print(f"  product-level accuracy against {a.labels}: {s['accuracy']:.4f}")
     return 0

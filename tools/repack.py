@@ -10,10 +10,12 @@ import argparse
 import os
 import sys
 
+from dali_pipes.fileio import interruptible
 from dali_pipes.writer.jpeg_check import DEFAULT_MAX_SIDE, DEFAULT_VERIFY, VERIFY_MODES
 from dali_pipes.writer.repack import RepackError, repack
 
 
+@interruptible("repack")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.repack", description=__doc__.split("\n")[0])
     ap.add_argument("--bson", required=True, help="train.bson (or test.bson with --unlabelled)")

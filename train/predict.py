@@ -1,7 +1,11 @@
-"""Offline prediction: a test BSON (or an unlabelled DATA directory) + checkpoints -> one row per product.
+"""Offline prediction: an unlabelled DATA directory + checkpoints -> one row per product ``_id``.
 
-The BSON goes through the same repack as training data (into a work directory, deleted afterwards), so
-every bad image is caught and listed the same way, and the shards are read by the same DALI eval pipeline.
+A test BSON goes through the same repack as training data first (``tools.predict --bson``, into a work
+directory deleted afterwards), so every bad image is caught and listed the same way, and the shards are read
+by the same DALI eval pipeline. This side only reads DATA: it imports nothing of ``dali_pipes.writer``.
+
+The models run on ``--device`` (cuda where there is one), whatever the decode backend: a dali-cpu batch goes
+to the GPU through the loader, as training's does.
 
 Per batch, on the device and without a Python step per image: one forward pass per model (flip TTA puts
 both views in that one pass), probabilities weighted over views and models, then summed per product with
@@ -19,10 +23,9 @@ images gets the category those carry (the most frequent one when they disagree).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -30,10 +33,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from dali_pipes.config import DataConfig, drop_legacy_keys, tile_grid
+from dali_pipes.config import DataConfig, drop_legacy_keys, resolve_backend, tile_grid
 from dali_pipes.dataset import check_class_map, open_dataset
-from dali_pipes.fileio import Progress, atomic_write_text, csv_text, temp_path_for
-from dali_pipes.writer.repack import HASHES_FILE, repack
+from dali_pipes.fileio import Progress, atomic_path, atomic_write_text, csv_text
+from dali_pipes.records import HASHES_FILE, PRODUCTS_FILE, QUARANTINE_FILE
 from models import create_model, without_aux
 
 from .checkpoint import apply_input_norm, load as load_checkpoint
@@ -64,7 +67,28 @@ def parse_spec(spec: str) -> Tuple[str, float]:
     return spec, 1.0
 
 
-def load_member(spec: str, device: torch.device) -> Member:
+DEVICES = ("cpu", "cuda")
+
+
+def resolve_placement(backend: Optional[str], device: Optional[str]) -> Tuple[str, torch.device]:
+    """The decode backend and the models' device (predict, clean, bench predict): two settings. The device
+    defaults to cuda where torch sees one, whatever the backend; the backend to ``resolve_backend``'s default
+    (dali-gpu with CUDA), but to dali-cpu with ``--device cpu``."""
+    if device not in (None, *DEVICES):
+        raise PredictError(f"--device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PredictError("--device cuda: torch sees no CUDA device on this machine; pass --device cpu")
+    backend = resolve_backend(backend or ("dali-cpu" if device == "cpu" else None))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if backend == "dali-gpu" and device == "cpu":
+        raise PredictError("--backend dali-gpu decodes on the GPU and leaves the batches there; with --device cpu "
+                           "pass --backend dali-cpu")
+    return backend, torch.device(device)
+
+
+def load_member(spec: str, device: torch.device, tiled_k: int = 0) -> Member:
+    """An ensemble member on ``device``; ``tiled_k``: the ``data.tiled_k`` its checkpoint must have been trained
+    with (0: single images, for ``--checkpoint``; K for ``--tiled K=``)."""
     path, weight = parse_spec(spec)
     if not os.path.isfile(path):
         raise PredictError(f"{path}: no such checkpoint; pass RUN/best.pt of a finished training run")
@@ -72,6 +96,12 @@ def load_member(spec: str, device: torch.device) -> Member:
         raise PredictError(f"{spec}: the weight of an ensemble member must be > 0")
     ckpt = load_checkpoint(path)
     cfg = ckpt.get("config") or {}
+    got = int((cfg.get("data") or {}).get("tiled_k") or 0)
+    if got != tiled_k:
+        use = f"--tiled {got}={path}" if got else f"--checkpoint {path}"
+        want = f"tiled products of {tiled_k} images (--tiled {tiled_k}=)" if tiled_k else "single images (--checkpoint)"
+        raise PredictError(f"{path}: trained with data.tiled_k {got}, but {want} need data.tiled_k {tiled_k}; "
+                           f"pass it as {use}")
     try:
         model = create_model(ckpt["model_name"], int(ckpt["num_classes"]), head=cfg["model"]["head"])
         model.load_state_dict(without_aux(ckpt["model"]))  # hierarchy heads, if any, play no part here
@@ -110,18 +140,20 @@ class Rows:
     ids: np.ndarray  # product id per row
     written_rows: np.ndarray  # row of the n-th written product (shard order == file order)
     reasons: Dict[int, str] = field(default_factory=dict)  # row -> why it has no image prediction
-    no_id: List[dict] = field(default_factory=list)  # quarantined documents without an id: no row possible
-    # documents that repeat an earlier document's _id: (id, the first one's row, reason); no second row
+    no_id: List[dict] = field(default_factory=list)  # quarantined documents without a readable id: no row
+    # quarantined copies of an _id that has its row from another copy: (id, that row, reason); no second row
     repeated: List[Tuple[int, int, str]] = field(default_factory=list)
 
 
 def read_rows(data: str) -> Rows:
-    with open(os.path.join(data, "products.csv"), newline="") as f:
+    """One row per ``_id``, in file order: at the written copy where one was written (repack writes at most
+    one), else at its first quarantined copy; documents without a readable ``_id`` get none."""
+    with open(os.path.join(data, PRODUCTS_FILE), newline="") as f:
         written = [(int(r["offset"]), int(r["product_id"])) for r in csv.DictReader(f)]
     quarantined: Dict[int, Tuple[int, str]] = {}
     image_reasons: Dict[int, List[str]] = {}
     no_id = []
-    with open(os.path.join(data, "quarantine.csv"), newline="") as f:
+    with open(os.path.join(data, QUARANTINE_FILE), newline="") as f:
         for r in csv.DictReader(f):
             if r["image_index"]:  # kept to explain the product's row if none of its images is readable
                 image_reasons.setdefault(int(r["offset"]), []).append(f"image {r['image_index']}: {r['reason']}")
@@ -134,15 +166,16 @@ def read_rows(data: str) -> Rows:
             quarantined[off] = (pid, f"{why.split(' (')[0]}: {'; '.join(image_reasons[off])}")
     entries = [(o, pid, None) for o, pid in written] + [(o, pid, why) for o, (pid, why) in quarantined.items()]
     entries.sort(key=lambda e: e[0])
-    # One row per _id: a quarantined document with the id of an earlier one (repack keeps the first) gets none.
-    first_row: Dict[int, int] = {}
-    kept, repeated = [], []
+    has_written = {pid for _, pid in written}
+    kept, others, seen = [], [], set()
     for e in entries:
-        if e[2] is not None and e[1] in first_row:
-            repeated.append((e[1], first_row[e[1]], e[2]))
+        if e[2] is not None and (e[1] in has_written or e[1] in seen):
+            others.append(e)
         else:
-            first_row.setdefault(e[1], len(kept))
+            seen.add(e[1])
             kept.append(e)
+    row_of = {e[1]: i for i, e in enumerate(kept)}
+    repeated = [(pid, row_of[pid], why) for _, pid, why in others]
     entries = kept
     ids = np.array([e[1] for e in entries], np.int64)
     written_rows = np.array([i for i, e in enumerate(entries) if e[2] is None], np.int64)
@@ -153,7 +186,8 @@ def read_rows(data: str) -> Rows:
 # ---- the per-batch pieces (tools.bench times them too) --------------------------------------------------
 def make_loader(member: Member, data: str, backend: str, batch: int, threads: int, device: torch.device,
                 k: int = 0):
-    """The eval loader of ``data``'s test split with ``member``'s data settings (K > 0: tiled products)."""
+    """The eval loader of ``data``'s test split with ``member``'s data settings (K > 0: tiled products), its
+    batches on ``device`` (from dali-cpu to a GPU: the loader's page-locked copy stream, as in training)."""
     from dali_pipes.loader import build_loader
 
     dc = DataConfig(**drop_legacy_keys(member.config["data"]))  # the model takes the pictures as they come
@@ -337,13 +371,22 @@ class Readback:
 
 
 # ---- predict ------------------------------------------------------------------------------------------
+def predict(data: str, members: List[Member], out: str, *, probs_path: Optional[str] = None, **kw) -> dict:
+    """Write the submission ``out``, its report, the top-k CSV and ``probs_path`` (an n x C float16 file, ~19 GB
+    for the real test set: written to a temporary beside it, removed on any failure or interrupt).
+    ``device``: the models' (default: the members' own)."""
+    with contextlib.ExitStack() as stack:
+        probs_tmp = stack.enter_context(atomic_path(probs_path)) if probs_path else None
+        return _predict(data, members, out, probs_tmp=probs_tmp, **kw)
+
+
 @torch.no_grad()
-def predict(data: str, members: List[Member], out: str, *, tta: str = "none", tiled: Optional[Dict[int, str]] = None,
-            batch: int = 64, backend: str = "dali-cpu", threads: int = 2, probs_path: Optional[str] = None,
-            topk: int = 1, fallback: Optional[int] = None, labels_csv: Optional[str] = None,
-            dedup: Optional[str] = None, progress: bool = True) -> dict:
+def _predict(data: str, members: List[Member], out: str, *, tta: str = "none", tiled: Optional[Dict[int, str]] = None,
+             batch: int = 64, backend: str = "dali-cpu", device: Optional[torch.device] = None, threads: int = 2,
+             probs_tmp: Optional[str] = None, topk: int = 1, fallback: Optional[int] = None,
+             dedup: Optional[str] = None, progress: bool = True) -> dict:
     t_start = time.perf_counter()
-    device = torch.device("cuda" if backend == "dali-gpu" else "cpu")
+    device = device or next(members[0].model.parameters()).device
     ds = open_dataset(data)
     if "test" not in ds.manifest["splits"]:
         raise PredictError(f"{data}: not an unlabelled repack (no test split); repack test.bson with --unlabelled")
@@ -360,7 +403,7 @@ def predict(data: str, members: List[Member], out: str, *, tta: str = "none", ti
 
     scorer = Scorer(members, tta, device)
     wait = [0.0]
-    tiled_members = {kk: load_member(p, device) for kk, p in (tiled or {}).items()}
+    tiled_members = {kk: load_member(p, device, kk) for kk, p in (tiled or {}).items()}
     for kk, m in tiled_members.items():
         check_class_map(cats, m.category_ids, f"tiled K={kk} model {m.path} vs {members[0].path}")
     t0 = time.perf_counter()
@@ -371,8 +414,7 @@ def predict(data: str, members: List[Member], out: str, *, tta: str = "none", ti
 
     pred = np.full(n, -1, np.int64)
     probs_out = None
-    if probs_path:
-        probs_tmp = temp_path_for(probs_path)
+    if probs_tmp:
         probs_out = np.lib.format.open_memmap(probs_tmp, mode="w+", dtype=np.float16, shape=(n, num_classes))
     top_idx = np.zeros((n, k), np.int32) if topk > 1 else None
     top_val = np.zeros((n, k), np.float32) if topk > 1 else None
@@ -451,8 +493,7 @@ def predict(data: str, members: List[Member], out: str, *, tta: str = "none", ti
     atomic_write_text(report_path, csv_text(["_id", "reason", "category_id_written"], report))
     if probs_out is not None:
         probs_out.flush()
-        del probs_out
-        os.replace(probs_tmp, probs_path)
+        del probs_out  # closed; predict's atomic_path puts it in place
     if top_idx is not None:
         has = np.zeros(n, bool)
         has[rows.written_rows] = True
@@ -467,8 +508,6 @@ def predict(data: str, members: List[Member], out: str, *, tta: str = "none", ti
                "loader_build_seconds": build_s, "loop_seconds": loop_s,
                "data_wait_share": wait[0] / max(loop_s, 1e-9), "flip_one_pass": scorer.one_pass,
                "report": report_path, "submission": out}
-    if labels_csv:
-        summary["accuracy"] = score(out, labels_csv)
     return summary
 
 
@@ -531,32 +570,12 @@ def find_duplicates(train_data: str, test_data: str, cats: List[int], rows: Rows
     return out
 
 
-def score(submission: str, answers: str) -> float:
-    """Product-level accuracy of a submission against ``_id,category_id`` answers (CSV or labelled BSON)."""
-    def read(path):
-        if path.endswith(".bson"):  # a labelled BSON, e.g. a held-out part of train.bson
-            from dali_pipes.writer.bson_io import iter_products
-
-            return {d["_id"]: d["category_id"] for d in iter_products(path) if "category_id" in d}
-        with open(path, newline="") as f:
-            return {int(r["_id"]): int(r["category_id"]) for r in csv.DictReader(f)}
-
-    sub, ans = read(submission), read(answers)
-    missing = set(ans) - set(sub)
+def score(submission: str, answers: Dict[int, int], source: str) -> float:
+    """Product-level accuracy of a submission against ``answers`` (_id -> category id, read from ``source``)."""
+    with open(submission, newline="") as f:
+        sub = {int(r["_id"]): int(r["category_id"]) for r in csv.DictReader(f)}
+    missing = set(answers) - set(sub)
     if missing:
-        raise PredictError(f"{submission} has no row for {len(missing)} products of {answers} "
+        raise PredictError(f"{submission} has no row for {len(missing)} products of {source} "
                            f"(e.g. {sorted(missing)[:3]})")
-    return sum(sub[i] == c for i, c in ans.items()) / max(len(ans), 1)
-
-
-def repack_for_predict(bson_path: str, workdir: Optional[str], workers: int) -> Tuple[str, str]:
-    """Unlabelled repack of a test BSON into a fresh work directory; returns (data dir, dir to delete)."""
-    tmp = tempfile.mkdtemp(prefix="predict-", dir=workdir)
-    data = os.path.join(tmp, "data")
-    repack(bson_path, data, unlabelled=True, workers=workers, shard_size_mb=64, progress=False)
-    return data, tmp
-
-
-def cleanup(path: Optional[str]) -> None:
-    if path:
-        shutil.rmtree(path, ignore_errors=True)
+    return sum(sub[i] == c for i, c in answers.items()) / max(len(answers), 1)

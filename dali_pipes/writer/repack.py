@@ -15,6 +15,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..fileio import Progress, atomic_open, atomic_write_text, csv_text, temp_target
 from ..records import (CLASSES_FILE, FORMAT_VERSION, HASHES_FILE, IMAGE_FEATURES, MANIFEST, MAX_K, PRODUCTS_FILE,
-                       QUARANTINE_FILE, SPLIT_DIRS, product_features)
+                       QUARANTINE_FILE, REPACK_MARKER, SPLIT_DIRS, product_features)
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
 from .exclude import ExcludeError, read_exclude
 from .jpeg_check import DEFAULT_MAX_SIDE, DEFAULT_VERIFY, VERIFY_MODES, make_check
@@ -36,10 +37,7 @@ QUARANTINE_FIELDS = ["product_id", "offset", "image_index", "reason"]
 # Duplicate lookup (tools.predict --dedup, HASHES_FILE): a 64-bit hash (blake2b) of every written image with
 # its product and category id (-1 in unlabelled repacks), sorted by hash.
 HASH_DTYPE = np.dtype([("hash", "<u8"), ("product_id", "<i8"), ("category_id", "<i8")])
-# Written into --out before anything else and removed once the manifest is written: a directory with it is an
-# unfinished repack, whose files a re-run may remove. Repack removes nothing from any other directory.
-MARKER = ".repack-unfinished"
-_FILES = (MANIFEST, CLASSES_FILE, QUARANTINE_FILE, PRODUCTS_FILE, HASHES_FILE, MARKER)  # beside SPLIT_DIRS
+_FILES = (MANIFEST, CLASSES_FILE, QUARANTINE_FILE, PRODUCTS_FILE, HASHES_FILE)  # beside SPLIT_DIRS
 _SHARD_FILE = re.compile(r"(train|val|test)-\d{5}\.(tfrecord|idx)")  # what _ChunkWriters names a shard
 
 
@@ -136,6 +134,14 @@ def _init_worker(progress, exclude=None) -> None:
     global _progress, _exclude
     _progress = progress
     _exclude = exclude or {}
+
+
+def _init_pool_worker(progress, exclude) -> None:
+    # The driver alone answers Ctrl-C and SIGTERM: it terminates the pool (SIGTERM, the default action: no
+    # traceback from each worker) and removes the temporaries the workers leave.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(progress, exclude)
 
 
 def _report_progress(products: int, nbytes: int) -> None:
@@ -451,8 +457,8 @@ def _is_repack(out: str) -> bool:
 
 
 def _prepare_out(out: str, overwrite: bool, bson_path: str) -> None:
-    """Make ``out`` an unfinished repack (``MARKER``) with none of a repack's files in it. ``out`` must be new,
-    empty, a finished repack (with ``overwrite``) or an unfinished one; anything else is refused."""
+    """Make ``out`` an unfinished repack (``REPACK_MARKER``) with none of a repack's files in it. ``out`` must
+    be new, empty, a finished repack (with ``overwrite``) or an unfinished one; anything else is refused."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise RepackError(f"--out {out} is a file, not a directory; choose a new directory for the repack")
     names = sorted(os.listdir(out)) if os.path.isdir(out) else []
@@ -460,13 +466,13 @@ def _prepare_out(out: str, overwrite: bool, bson_path: str) -> None:
     if finished and not overwrite:
         raise RepackError(f"{out} already holds a repacked dataset ({MANIFEST} exists); "
                           "pass --overwrite to replace it, or choose another --out")
-    if names and not finished and MARKER not in names:
+    if names and not finished and REPACK_MARKER not in names:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise RepackError(f"--out {out} is not empty ({shown}) and is not a repack's directory (no {MANIFEST} "
-                          f"of a repack, no {MARKER}); repack writes only into a new or empty directory, or "
+                          f"of a repack, no {REPACK_MARKER}); repack writes only into a new or empty directory, or "
                           "over its own: choose another --out (nothing was removed)")
     os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, MARKER), f"a repack of {bson_path} started at "
+    atomic_write_text(os.path.join(out, REPACK_MARKER), f"a repack of {bson_path} started at "
                       f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; removed when {MANIFEST} is written\n")
     if finished:
         os.remove(os.path.join(out, MANIFEST))  # first: a crash from here on leaves no manifest, i.e. no dataset
@@ -490,7 +496,7 @@ def _remove_own_files(out: str, temporaries_only: bool = False) -> None:
                 for d in dirs:
                     _rmdir_if_empty(os.path.join(root, d))
             _rmdir_if_empty(path)
-        elif os.path.isfile(path) and ours(name, lambda n: n in _FILES and n != MARKER):
+        elif os.path.isfile(path) and ours(name, _FILES.__contains__):
             os.remove(path)
 
 
@@ -558,7 +564,7 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
                 results.append(_process_chunk(t))
                 _show(bar, counters)
         else:
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(counters, excluded)) as pool:
+            with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(counters, excluded)) as pool:
                 pending = pool.imap(_process_chunk, tasks)
                 for _ in tasks:
                     while True:
@@ -642,5 +648,5 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
     except BaseException:  # a failure or an interrupt (Ctrl-C, SIGTERM via fileio.interruptible)
         _remove_own_files(out, temporaries_only=True)  # the workers are gone: the pool was terminated
         raise
-    os.remove(os.path.join(out, MARKER))
+    os.remove(os.path.join(out, REPACK_MARKER))
     return manifest
