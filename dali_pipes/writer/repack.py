@@ -432,17 +432,17 @@ def _duplicates(index: OffsetIndex, st: Settings) -> np.ndarray:
     kept_at = np.full(len(index), -1, np.int64)
     known = np.flatnonzero(index.ids != OffsetIndex.MISSING_ID)
     _, which, n = np.unique(index.ids[known], return_inverse=True, return_counts=True)
-    copies: Dict[int, List[int]] = {}
-    for i in known[n[which] > 1].tolist():  # file order
-        copies.setdefault(int(index.ids[i]), []).append(i)
+    copies = known[n[which] > 1]  # file order
     check = make_check(st.verify, st.max_side)
-    for group in copies.values():
-        for i in group:
-            doc = next(_documents(st.bson_path, index.offsets[i:i + 1], index.lengths[i:i + 1], st.max_doc_bytes))
-            if _read_product(st, check, ChunkResult(-1), int(index.offsets[i]), int(index.ids[i]), -1, doc):
-                kept_at[group] = index.offsets[i]
-                kept_at[i] = -1
-                break
+    kept: Dict[int, int] = {}  # id -> offset of its first usable copy
+    docs = _documents(st.bson_path, index.offsets[copies], index.lengths[copies], st.max_doc_bytes)
+    for i, doc in zip(copies.tolist(), docs):
+        pid, off = int(index.ids[i]), int(index.offsets[i])
+        if pid not in kept and _read_product(st, check, ChunkResult(-1), off, pid, -1, doc):
+            kept[pid] = off
+    for i in copies.tolist():
+        k = kept.get(int(index.ids[i]), -1)
+        kept_at[i] = -1 if k == index.offsets[i] else k
     return kept_at
 
 
