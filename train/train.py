@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dali_pipes.config import resolve_backend
+from dali_pipes.config import resolve_amp, resolve_backend
 from dali_pipes.dataset import DatasetError, class_levels
 from dali_pipes.loader import LoaderStateError, build_loader
 from dali_pipes.fileio import atomic_write_text
@@ -89,6 +89,7 @@ class Trainer:
         self._check_combination()
         self._set_determinism()
         cfg.data.backend = resolve_backend(cfg.data.backend, note=self.note)
+        cfg.train.amp = resolve_amp(cfg.train.amp, self.dev, note=self.note)  # RUN/config.yaml records it
         self._prepare_run_dir()
         self.ckpt, self.ckpt_path, self.plan = self._read_checkpoint()
         self._build_data()
