@@ -103,9 +103,13 @@ class _Loader:
         return {"version": STATE_VERSION, **self._identity(), "epoch": self.epoch, "step": self.step, **extra}
 
     def _check_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        if isinstance(version, int) and version != STATE_VERSION:
+            raise LoaderStateError(f"loader state of version {version}, from another version of the code (this "
+                                   f"loader reads version {STATE_VERSION})")
+        if version != STATE_VERSION:
             raise LoaderStateError("loader state: not a state from dali_pipes.loader (version "
-                                   f"{state.get('version') if isinstance(state, dict) else type(state).__name__}, "
+                                   f"{version if isinstance(state, dict) else type(state).__name__}, "
                                    f"expected {STATE_VERSION})")
         mine, diffs = self._identity(), []
         for k, v in mine.items():

@@ -118,7 +118,7 @@ def whole_train_images(data_dir):
 
 def _divisor_batch(n: int, world_size: int) -> int:
     """A batch size that divides every rank's share N // W where W does not divide N: DALI pads the larger
-    shards to one more batch, all of padding copies on the smaller ones (issue 23, row 6)."""
+    shards to one more batch, all of padding copies on the smaller ones."""
     assert n % world_size, f"{n} train records: pick a world size that does not divide them"
     return max(b for b in range(4, 33) if (n // world_size) % b == 0)
 
@@ -270,6 +270,8 @@ def test_state_from_another_configuration_is_refused(data_dir):
         build_loader(cfg, 1, 2, "val", state=state)
     with pytest.raises(ValueError, match="not a state"):
         build_loader(cfg, 1, 2, "train", state={"epoch": 0})
+    with pytest.raises(ValueError, match="version 1, from another version of the code"):
+        build_loader(cfg, 1, 2, "train", state=dict(state, version=1))  # its next epoch could start with padding
     with pytest.raises(ValueError, match="backend: saved 'dali-cpu', now 'synthetic'"):
         build_loader(_cfg(data_dir, backend="synthetic"), 1, 2, "train", state=state)
     # A DALI checkpoint of another graph (here: tiled products) under a matching label is still refused.
