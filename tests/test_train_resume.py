@@ -35,6 +35,9 @@ def test_resume_rules_on_plain_data():
                             "train.init_from None -> 'other.pt' (not read: the run resumes from its checkpoint's weights)"]
     assert plan.same_world and plan.notes == [] and plan.loader_state(["s0"], 0) == "s0"
     assert _plan(old, copy.deepcopy(old)).changes == []
+    older = copy.deepcopy(old)  # a checkpoint from before these keys: their defaults
+    del older["model"]["aux_levels"], older["optim"]["aux_weight"]
+    assert _plan(older, old).changes == []
 
     # another model: refused, naming the key, before anything is built
     for key, value in (("model__name", "tiny"), ("model__head", "vgg"), ("model__aux_levels", [1])):

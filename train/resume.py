@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional
 
 from .checkpoint import CheckpointError
+from .config import Config, to_dict
 
 OPTIMIZER_KEYS = ("optim.pretrained_lr_mult", "optim.new_lr_mult", "optim.betas", "optim.eps", "optim.weight_decay",
                   "optim.fused")
@@ -45,8 +46,10 @@ def flatten(values: dict, prefix: str = "") -> Dict[str, object]:
 
 
 def config_changes(old: dict, new: dict) -> Dict[str, tuple]:
-    """``{key: (old value, new value)}`` for every key whose value differs (None: the key is missing)."""
-    a, b = flatten(old), flatten(new)
+    """``{key: (old value, new value)}`` for every key whose value differs (None: the key is missing). A key
+    that ``old`` lacks (a checkpoint of a version before the key) counts with its default, the value that
+    keeps the older behaviour."""
+    a, b = {**flatten(to_dict(Config())), **flatten(old)}, flatten(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
