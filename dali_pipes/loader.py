@@ -31,6 +31,8 @@ floor(r*N/W) .. floor((r+1)*N/W)) and padded to equal length with copies of thei
 Train drops the incomplete last batch of each epoch: every rank runs the same ``(N // W) // batch_size``
 steps (DDP needs that), no sample is repeated within an epoch and at most ``batch_size`` per rank are
 left out; each epoch a rank moves on to the next shard and reshuffles, so a different few are left out.
+The loader reads each epoch's padded shard to its end, so the next epoch starts afresh (where W does not
+divide N and ``batch_size`` divides ``N // W``, that end is a batch of padding copies only).
 Evaluation drops the padding copies: over an epoch a rank yields each record of its shard exactly once,
 the last batch may be shorter (a batch larger than the shard is fine: one short batch), and ranks may
 yield different numbers of batches (at most one apart), so no collective may run inside an eval loop.
@@ -54,7 +56,8 @@ import torch
 from .config import DataConfig, require_backend
 from .dataset import DatasetError, check_class_map, open_dataset
 
-STATE_VERSION = 1
+# 2: the train iterator reads each epoch to its end (1: it could leave a batch of padding for the next)
+STATE_VERSION = 2
 
 
 class LoaderStateError(ValueError):
@@ -100,9 +103,13 @@ class _Loader:
         return {"version": STATE_VERSION, **self._identity(), "epoch": self.epoch, "step": self.step, **extra}
 
     def _check_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        if isinstance(version, int) and version != STATE_VERSION:
+            raise LoaderStateError(f"loader state of version {version}, from another version of the code (this "
+                                   f"loader reads version {STATE_VERSION})")
+        if version != STATE_VERSION:
             raise LoaderStateError("loader state: not a state from dali_pipes.loader (version "
-                                   f"{state.get('version') if isinstance(state, dict) else type(state).__name__}, "
+                                   f"{version if isinstance(state, dict) else type(state).__name__}, "
                                    f"expected {STATE_VERSION})")
         mine, diffs = self._identity(), []
         for k, v in mine.items():
@@ -182,9 +189,12 @@ class DaliLoader(_Loader):
                 device_id=self.device.index if gpu else None, seed=(cfg.seed + 1_000_003 * rank) % (1 << 31),
                 shard_id=rank, num_shards=world_size, checkpoint=state["dali"] if state is not None else None,
                 resize_check=self.resize_check)
+            # PARTIAL for train too: the iterator then reads every batch of the padded shard, and _finish_epoch
+            # drops what is past steps_per_epoch. With DROP it leaves a batch of padding copies in the pipeline
+            # where W does not divide N and batch_size divides N // W: the next epoch would start with it.
             self.it = DALIGenericIterator(
                 self.pipe, output_names(cfg.tiled_k, flips=self.flips_here), reader_name=READER, auto_reset=True,
-                last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
+                last_batch_policy=LastBatchPolicy.PARTIAL)
         except RuntimeError as e:
             if state is None:
                 raise
@@ -209,13 +219,16 @@ class DaliLoader(_Loader):
 
     def _finish_epoch(self) -> None:
         """Run the DALI iterator to its end of epoch now, so that a state taken after the last batch (as
-        the trainer does before leaving the loop) resumes at the next epoch's first batch."""
+        the trainer does before leaving the loop) resumes at the next epoch's first batch. Train drops what
+        is left: at most one batch, the incomplete last one (or one of padding only)."""
+        left = 0
         while True:
             try:
                 rest = next(self.it)[0]
             except StopIteration:
                 break
-            if rest["images"].shape[0]:
+            left += 1  # eval: only the empty rest of a shard padded past its own end
+            if left > 1 or (rest["images"].shape[0] and not self.train):
                 raise RuntimeError(f"loader {self.split}: DALI returned more than the {self.steps_per_epoch} "
                                    "batches expected per epoch; a bug in the step count")
         self.epoch += 1

@@ -134,7 +134,7 @@ def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, ima
         shard_id=shard_id, num_shards=num_shards,
         random_shuffle=train, initial_fill=initial_fill,
         # Every shard is padded to the same length with copies of its last record; the iterator drops the
-        # copies (eval) or the incomplete last batch (train), so no sample is counted twice.
+        # copies (eval), the loader the incomplete last batch (train), so no sample is counted twice.
         pad_last_batch=True,
         # Train: each epoch a rank moves on to the next shard (more mixing). Eval: a rank keeps its shard.
         stick_to_shard=not train)

@@ -175,3 +175,13 @@ def test_repack(synthetic_dir, tmp_path, ticks):
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert bench.main(["loader", "--data", str(tmp_path / "nope"), "--seconds", "1"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_train_records_the_amp_it_used(tmp_path, monkeypatch):
+    from dali_pipes import config as dc
+
+    (tmp_path / "cpuinfo").write_text("flags\t\t: fpu avx2\n")  # no bf16 in hardware: autocast falls back
+    monkeypatch.setattr(dc, "CPUINFO", str(tmp_path / "cpuinfo"))
+    res = run_mode(tmp_path, "train", "--model", "tiny", "--synthetic", "--amp", "bf16", "--batch", "4",
+                   "--crop", "32", "--steps", "1", "--warmup", "1", "--classes", "5")
+    assert res["amp"] == "off"

@@ -116,17 +116,25 @@ def whole_train_images(data_dir):
     return out
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_sharding_train_no_repeats_same_steps_labels_line_up(data_dir, records, whole_train_images, world_size):
+def _divisor_batch(n: int, world_size: int) -> int:
+    """A batch size that divides every rank's share N // W where W does not divide N: DALI pads the larger
+    shards to one more batch, all of padding copies on the smaller ones."""
+    assert n % world_size, f"{n} train records: pick a world size that does not divide them"
+    return max(b for b in range(4, 33) if (n // world_size) % b == 0)
+
+
+@pytest.mark.parametrize("world_size,bs", [(2, 32), (3, 32), (3, "divides the share")])
+def test_sharding_train_no_repeats_same_steps_labels_line_up(data_dir, records, whole_train_images, world_size, bs):
     """Train: every rank runs the same number of full batches; within an epoch no sample is seen twice
     (over all ranks), at most batch_size per rank are left out, and every label is its image's label.
-    Two epochs: in the second each rank has moved on to another shard."""
-    bs = 32
-    cfg = _cfg(data_dir, crop=180, batch_size=bs)
+    Three epochs: in each next one every rank has moved on to the next shard, and starts it fresh (also
+    where the batch size divides the share, so that DALI's padded shards end with a batch of padding)."""
     n = len(records["train"])
+    bs = bs if isinstance(bs, int) else _divisor_batch(n, world_size)
+    cfg = _cfg(data_dir, crop=180, batch_size=bs)
     loaders = [build_loader(cfg, rank, world_size, "train")[0] for rank in range(world_size)]
     sets = []  # [epoch][rank] -> samples
-    for epoch in range(2):
+    for epoch in range(3):
         seen = collections.Counter()
         sets.append([])
         for loader in loaders:
@@ -142,9 +150,10 @@ def test_sharding_train_no_repeats_same_steps_labels_line_up(data_dir, records, 
                     sets[-1][-1].add((pid, index))
         assert max(seen.values()) == 1
         assert n - world_size * bs <= len(seen) <= n
-    for rank in range(world_size):  # epoch 1: rank r reads what rank r+1 read in epoch 0
-        nxt = sets[0][(rank + 1) % world_size]
-        assert len(sets[1][rank] & nxt) >= len(nxt) - 2 * bs
+    for epoch in (1, 2):  # rank r reads what rank r+1 read the epoch before
+        for rank in range(world_size):
+            nxt = sets[epoch - 1][(rank + 1) % world_size]
+            assert len(sets[epoch][rank] & nxt) >= len(nxt) - 2 * bs, (epoch, rank)
 
 
 def test_unlabelled_test_data_for_eval(test_data_dir):
@@ -261,6 +270,8 @@ def test_state_from_another_configuration_is_refused(data_dir):
         build_loader(cfg, 1, 2, "val", state=state)
     with pytest.raises(ValueError, match="not a state"):
         build_loader(cfg, 1, 2, "train", state={"epoch": 0})
+    with pytest.raises(ValueError, match="version 1, from another version of the code"):
+        build_loader(cfg, 1, 2, "train", state=dict(state, version=1))  # its next epoch could start with padding
     with pytest.raises(ValueError, match="backend: saved 'dali-cpu', now 'synthetic'"):
         build_loader(_cfg(data_dir, backend="synthetic"), 1, 2, "train", state=state)
     # A DALI checkpoint of another graph (here: tiled products) under a matching label is still refused.

@@ -123,3 +123,22 @@ def test_fractional_schedule_boundaries_and_warmup():
     assert [s.lr_at(i) for i in range(5)] == sorted(s.lr_at(i) for i in range(5))
     assert s.lr_at(5) == 1e-3 and s.lr_at(14) == 1e-3 and s.lr_at(15) == 1e-4
     assert all(math.isfinite(s.lr_at(i)) for i in range(100))
+
+
+def test_readme_recipe_log_states_the_demo_schedule():
+    """train/README.md's row of the demo recipe says the recipe's schedule (the recipe is the truth)."""
+    import os
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train",
+                               "README.md")).read()
+    row = next(line for line in readme.splitlines() if line.startswith("| `demo` |"))
+
+    def num(x):  # 6e-4, 2e-3: how the recipe log writes an lr
+        return f"{x:.0e}".replace("e-0", "e-")
+
+    cfg = load_config("demo")
+    (_, first), *later = cfg.optim.lr_schedule
+    want = [f"warm-up {cfg.optim.warmup_epochs:g}", num(first), *(f"{num(lr)} after {e:g}" for e, lr in later),
+            f"{cfg.train.epochs:g} epochs", f"resized to {cfg.data.image_size}", f"{cfg.data.crop} crops"]
+    for text in want:
+        assert text in row, (text, row)

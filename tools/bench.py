@@ -312,7 +312,8 @@ def _train_rate(a, backend: str, data: Optional[str], num_classes: int) -> dict:
         sync()
         elapsed = time.perf_counter() - t0
         trainer.close()
-    return {"images_per_s": done.steps * a.batch / elapsed, "data_wait_share": done.data_wait_s / elapsed}
+    return {"images_per_s": done.steps * a.batch / elapsed, "data_wait_share": done.data_wait_s / elapsed,
+            "amp": trainer.cfg.train.amp}  # what the trainer used (dali_pipes.config.resolve_amp)
 
 
 def bench_train(a) -> dict:
@@ -329,8 +330,10 @@ def bench_train(a) -> dict:
 
         num_classes = open_dataset(a.data).num_classes
         res["real"] = dict(_train_rate(a, backend, a.data, num_classes), backend=backend)
+        res["amp"] = res["real"].pop("amp")
     if a.synthetic:
-        res["synthetic"] = {"images_per_s": _train_rate(a, "synthetic", None, num_classes)["images_per_s"]}
+        synthetic = _train_rate(a, "synthetic", None, num_classes)
+        res["synthetic"], res["amp"] = {"images_per_s": synthetic["images_per_s"]}, synthetic["amp"]
     if "real" in res and "synthetic" in res:
         res["real_over_synthetic"] = res["real"]["images_per_s"] / res["synthetic"]["images_per_s"]
     res["num_classes"] = num_classes

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dali_pipes.config import resolve_backend
+from dali_pipes.config import resolve_amp, resolve_backend
 from dali_pipes.dataset import DatasetError, class_levels
 from dali_pipes.loader import LoaderStateError, build_loader
 from dali_pipes.fileio import atomic_write_text
 from models import AUX_HEADS, create_model, param_groups
 
-from . import checkpoint
-from .config import Config, ConfigError, dump_yaml, from_dict, resolve_run, to_dict
+from . import checkpoint, resume
+from .config import Config, ConfigError, dump_yaml, resolve_run, to_dict
 from .distributed import Dist, all_gather_object, all_reduce, barrier, cleanup, lost_contact, setup
 from .evaluate import evaluate
 from .metrics import RunLog, memory_text, plot_curves, progress_line, summary
@@ -60,17 +60,6 @@ def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def _config_changes(old: dict, new: dict, prefix: str = "") -> list:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_changes(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
 class Trainer:
     """One training run in one process (of ``d.world_size``).
 
@@ -100,12 +89,13 @@ class Trainer:
         self._check_combination()
         self._set_determinism()
         cfg.data.backend = resolve_backend(cfg.data.backend, note=self.note)
+        cfg.train.amp = resolve_amp(cfg.train.amp, self.dev, note=self.note)  # RUN/config.yaml records it
         self._prepare_run_dir()
-        self.ckpt, self.ckpt_path, fresh_epoch = self._read_checkpoint()
-        self._build_data(fresh_epoch)
+        self.ckpt, self.ckpt_path, self.plan = self._read_checkpoint()
+        self._build_data()
         self._build_model()
         self._build_optimizer()
-        self._resume(fresh_epoch)
+        self._resume()
         self._wrap_model()
         if d.is_main:  # written once the run could start: a failed start leaves no RUN/config.yaml
             atomic_write_text(os.path.join(run_dir, "config.yaml"), dump_yaml(cfg))
@@ -114,7 +104,7 @@ class Trainer:
         random.seed(tc.seed + d.rank)
         np.random.seed(tc.seed + d.rank)
         torch.manual_seed(tc.seed + d.rank)
-        if ck and ck["world_size"] == d.world_size:
+        if ck and self.plan.same_world:
             checkpoint.set_rng_state(ck["rng"][d.rank], self.dev)
         self.log = RunLog(run_dir, d.is_main, tc.tensorboard, resume_step=self._log_resume_step,
                           rescale=self._log_rescale, tb_dir=self.tb_dir)
@@ -155,35 +145,33 @@ class Trainer:
         barrier(self.d)
 
     def _read_checkpoint(self):
-        """(checkpoint or None, its path, whether the loader must start the next epoch afresh). Every rank
-        reads it: RUN is shared storage."""
+        """(checkpoint or None, its path, its ``resume.ResumePlan`` or None). Every rank reads it: RUN is
+        shared storage."""
         path = os.path.join(self.run_dir, LAST)
         seen = all_gather_object(os.path.exists(path), self.d)
         if len(set(seen)) > 1:
             raise checkpoint.CheckpointError(f"{path} exists on some nodes only ({seen}); RUN must be on storage "
                                              "that every node sees")
-        ck = checkpoint.load(path) if seen[0] else None
-        return ck, path, (self._check_resumable(ck, path) if ck else False)
+        if not seen[0]:
+            return None, path, None
+        ck = checkpoint.load(path)
+        plan = resume.plan_resume(ck["config"], to_dict(self.cfg), step=ck["step"], path=path,
+                                  steps_per_epoch=ck["steps_per_epoch"], saved_world_size=ck["world_size"],
+                                  world_size=self.d.world_size)
+        for msg in plan.notes:
+            self.note(msg)
+        return ck, path, plan
 
-    def _build_data(self, fresh_epoch: bool) -> None:
-        """Loaders; each rank resumes its own reader position."""
+    def _build_data(self) -> None:
+        """Loaders; each rank resumes its own reader position (``resume``: where it fits)."""
         cfg, d, ck = self.cfg, self.d, self.ckpt
-        state = ck["loader_states"][d.rank] if ck and not fresh_epoch else None
+        state = self.plan.loader_state(ck["loader_states"], d.rank) if ck else None
         class_map = ck["category_ids"] if ck else None
         try:
             self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
                                                        state=state, class_map=class_map)
         except LoaderStateError as e:
-            # At an epoch end the reader position only carries the next epoch's shuffle: where it does not fit
-            # this graph (another version of the code, a re-repack that changed the picture sizes), the next
-            # epoch starts with fresh readers. Mid-epoch it stays an error: those samples would be lost.
-            if ck["step"] % ck["steps_per_epoch"]:
-                raise checkpoint.CheckpointError(
-                    f"{self.ckpt_path} stopped mid-epoch (step {ck['step']}) and its reader positions do not fit "
-                    f"this run's loader ({e.detail}). Finish the epoch with the code and DATA the run started with, or "
-                    f"start a new run from these weights: --out NEW_RUN train.init_from={self.ckpt_path}") from None
-            self.note(f"the checkpoint's reader position does not fit this loader ({e.detail}); the next epoch "
-                      "starts with fresh readers")
+            self.note(self.plan.reader_mismatch(e.detail))  # mid-epoch: refused
             self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
                                                        class_map=class_map)
         self.category_ids = list(self.train_loader.category_ids)
@@ -240,32 +228,27 @@ class Trainer:
             self.total = min(self.total, tc.max_steps)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing)
 
-    def _resume(self, fresh_epoch: bool) -> None:
-        """Optimizer, scaler, step and best from the checkpoint. Steps count this run's batches: when the
-        steps per epoch change (another process count or batch size, at an epoch end), the checkpoint's
-        step, its best step and the earlier metrics.jsonl records are converted to this run's units."""
+    def _resume(self) -> None:
+        """Optimizer, scaler, step and best from the checkpoint, as ``resume`` rules: the optimizer takes
+        this run's param-group settings, and steps count this run's batches (the checkpoint's step, its
+        best step and the earlier metrics.jsonl records converted where the steps per epoch changed)."""
         ck = self.ckpt
         self.step = 0
         self.best = {"metric": -1.0, "step": -1}
         self._log_resume_step, self._log_rescale, self.tb_dir = None, None, "tb"
         if not ck:
             return
-        self.opt.load_state_dict(ck["optimizer"])
-        self.scaler.load_state_dict(ck["scaler"])
-        self.step, self.best = int(ck["step"]), dict(ck["best"])
-        self.tb_dir = ck.get("tb_dir", "tb")
-        self._log_resume_step = self.step  # in the checkpoint's units
-        old_spe = ck["steps_per_epoch"]
-        if fresh_epoch and old_spe != self.spe:
-            scale = self.spe / old_spe
-            self._log_rescale = scale
-            self.step = self.step // old_spe * self.spe  # the same epoch count in this run's steps
-            if self.best["step"] >= 0:
-                self.best["step"] = round(self.best["step"] * scale)
-            # TensorBoard cannot rewrite its event files: the new units get their own directory
-            self.tb_dir = f"tb_from_epoch{self.step // self.spe}_{self.spe}spe"
-            self.note(f"{old_spe} -> {self.spe} steps per epoch: step {ck['step']} is step {self.step} now; "
-                      f"metrics.jsonl is rewritten in the new units, TensorBoard goes on in RUN/{self.tb_dir}")
+        self.opt.load_state_dict(resume.optimizer_state(ck["optimizer"], self.opt.state_dict(), self.ckpt_path))
+        scaler = resume.scaler_state(ck["scaler"], self.fp16)
+        if scaler is not None:
+            self.scaler.load_state_dict(scaler)
+        self._log_resume_step = int(ck["step"])  # in the checkpoint's units
+        self.best = dict(ck["best"])
+        units = self.plan.units(self.spe, self.best["step"], ck.get("tb_dir", "tb"))
+        self.step, self.best["step"], self._log_rescale, self.tb_dir = units.step, units.best_step, units.scale, \
+            units.tb_dir
+        if units.note:
+            self.note(units.note)
 
     def _wrap_model(self) -> None:
         d = self.d
@@ -273,31 +256,6 @@ class Trainer:
                      gradient_as_bucket_view=True) if d.enabled else self.raw)
         self.model = torch.compile(model) if self.cfg.model.compile else model
         self._compile_pending = bool(self.cfg.model.compile)  # compiled lazily, on the first step
-
-    def _check_resumable(self, ck: dict, path: str) -> bool:
-        """Refuse what cannot resume; True where the loader must start the next epoch afresh."""
-        old = ck["config"]
-        try:
-            old_data = from_dict({"data": old["data"]}, f"{path} config").data
-        except (ConfigError, KeyError) as e:
-            raise checkpoint.CheckpointError(f"{path}: its config cannot be read by this version ({e})") from None
-        for change in _config_changes(old, to_dict(self.cfg)):
-            self.note(f"config differs from {path}: {change}")
-        changed = []
-        if old_data.pipeline_signature() != self.cfg.data.pipeline_signature():
-            changed.append(f"data settings {old_data.pipeline_signature()} -> {self.cfg.data.pipeline_signature()}")
-        if ck["world_size"] != self.d.world_size:
-            changed.append(f"{ck['world_size']} -> {self.d.world_size} processes")
-        if not changed:
-            return False
-        if ck["step"] % ck["steps_per_epoch"]:
-            raise checkpoint.CheckpointError(
-                f"{path} stopped mid-epoch (step {ck['step']}); each process's reader position holds only for the "
-                f"data settings and process count it was saved with, and this run changes {'; '.join(changed)}. "
-                f"Run with the settings the run started with (--nproc {ck['world_size']}), or resume from an "
-                "epoch-end checkpoint")
-        self.note(f"{'; '.join(changed)}: the next epoch starts with fresh readers")
-        return True
 
     def _level_maps(self) -> Dict[str, tuple]:
         """``{"level1": (level classes, class -> level class on the device), ...}`` for model.aux_levels."""
@@ -530,12 +488,7 @@ class Trainer:
             self.log.print(f"{self.run_dir} is already done: step {self.step} of {self.total}; nothing to do "
                            "(raise train.epochs to train longer)")
             return 0
-        what = f"resuming at step {self.step}" if ck else "new run"
-        self.log.print(
-            f"{what}: {cfg.model.name} ({self.num_classes} classes) in {self.run_dir}; {d.world_size} process(es) on "
-            f"{self.dev.type} ({cfg.data.backend}), batch {cfg.data.batch_size}x{d.world_size} (global "
-            f"{cfg.data.batch_size * d.world_size}), {self.spe} steps/epoch, {self.total} steps "
-            f"({self.total / self.spe:g} epochs), amp {cfg.train.amp}")
+        self.log.print(self._start_line())
         self.run_steps(self.total - self.step)
         if d.is_main:
             plot_curves(self.run_dir)
@@ -547,6 +500,19 @@ class Trainer:
         self.log.print(f"done: {self.step} steps; best val product acc {best['metric']:.4f} at step {best['step']}; "
                        f"{os.path.join(self.run_dir, LAST)}, {os.path.join(self.run_dir, BEST)}")
         return 0
+
+    def _start_line(self) -> str:
+        """What the run starts with: the batch (per process and global), the lr at this step and the group
+        multipliers that are not 1, amp, and on a resume every config key that differs from the checkpoint."""
+        cfg, d = self.cfg, self.d
+        what = f"resuming at step {self.step}" if self.ckpt else "new run"
+        mults = "".join(f" x{g['lr_mult']:g} {g['name']}" for g in self.opt.param_groups if g["lr_mult"] != 1)
+        changed = f"; changed since {LAST}: {'; '.join(self.plan.changes)}" if self.plan and self.plan.changes else ""
+        return (f"{what}: {cfg.model.name} ({self.num_classes} classes) in {self.run_dir}; {d.world_size} process(es) "
+                f"on {self.dev.type} ({cfg.data.backend}), batch {cfg.data.batch_size}x{d.world_size} (global "
+                f"{cfg.data.batch_size * d.world_size}), lr {self.schedule.lr_at(self.step):.2e}{mults}, "
+                f"{self.spe} steps/epoch, {self.total} steps ({self.total / self.spe:g} epochs), amp {cfg.train.amp}"
+                f"{changed}")
 
     def close(self) -> None:
         self.log.close()
