@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import process_tree
 from train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,23 +61,8 @@ def c10d_env(port):
 
 
 def node_pids(p):
-    """A node's processes: run.sh, torchrun's agent and its workers (which torchrun starts in sessions of
-    their own, so a process-group kill would miss them)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [p.pid]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
+    """A node's processes: run.sh, torchrun's agent and its workers."""
+    return process_tree(p.pid)
 
 
 def signal_node(p, sig):
