@@ -273,6 +273,77 @@ def test_signalled_run_checkpoints_exits_5_and_resumes_bit_exact(data_dir, tmp_p
     _assert_equal_to_reference(run, reference_run)
 
 
+def _rank(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return int(dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)[b"RANK"])
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_one_run_per_run_dir_and_workers_die_with_their_launcher(data_dir, tmp_path):
+    """Two processes. A second start on a RUN that a live run holds exits 2 at once, naming the holder, and
+    touches nothing (an unfinished checkpoint write it would clean up stays); after a kill -9 of the first
+    run's process group no worker is left within 10 s, and its lock does not block the next start; SIGTERM to
+    rank 1 alone stops both ranks after the same step, with that step in last.pt."""
+    import socket
+
+    from train.train import Trainer
+
+    run = tmp_path / "RUN"
+    args = ["demo", "--out", run, "--data", data_dir, "--nproc", "2", *SMALL, "train.epochs=1000",
+            "train.log_every=1", "train.ckpt_every_steps=2"]
+    first = _start(args)
+    try:
+        _wait_for(first, run, 3, after_ckpt_step=2)
+        workers = _workers(first.pid)
+        assert len(workers) == 2
+        stale = run / ".last.pt.unfinished.tmp"  # what the trainer removes when it starts
+        stale.write_bytes(b"x")
+        config_mtime = (run / "config.yaml").stat().st_mtime_ns
+        t0 = time.time()
+        second = run_sh(*args, check=False, timeout=120)
+        assert second.returncode == 2 and time.time() - t0 < 60, second.stdout + second.stderr
+        line = second.stderr.strip()
+        assert len(line.splitlines()) == 1 and line.startswith("error: ") and second.stdout == "", line
+        holder = _parent(workers[0])  # the lock is torchrun's
+        assert f"pid {holder} on host {socket.gethostname()}" in line and "in use by a live run" in line, line
+        assert stale.exists() and (run / "config.yaml").stat().st_mtime_ns == config_mtime
+        tree = process_tree(first.pid)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        first.stdout.close()
+    deadline = time.time() + 10
+    while any(map(_alive, tree)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in tree if _alive(p)], "processes of the killed run live on"
+
+    # the dead run's lock does not block; a stop signal to one rank stops both after the same step
+    resumed_from = _last_step(run)
+    proc = _start(args)
+    try:
+        _wait_for(proc, run, resumed_from + 2)
+        rank1 = [w for w in _workers(proc.pid) if _rank(w) == 1]
+        os.kill(rank1[0], signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 5, out
+    assert f"resuming at step {resumed_from}" in out
+    ck = checkpoint.load(str(run / "last.pt"))
+    assert ck["step"] % Trainer.STOP_CHECK_EVERY == 0 and ck["step"] > resumed_from
+    assert records(run, "event")[-1] == {**records(run, "event")[-1], "event": "stopped", "step": ck["step"]}
+    assert not stale.exists()  # removed by the run that started
+
+
 # ---- DDP ------------------------------------------------------------------------------------------------
 # Runs the real Trainer under torchrun and records what each rank trained on. With crop = image size the
 # "random crop" is the whole image, and a flip does not change a picture's pixel sum, so the sum identifies
