@@ -4,7 +4,8 @@
   converts the best step; a mid-epoch checkpoint refuses another process count or batch size;
 - the exit status reaches run.sh even when torchrun ends rank 0 during its teardown, and the first status
   reported stays (an error, not the lost contact it causes on the other ranks);
-- a trainer started without run.sh takes RUN/.lock itself;
+- a trainer started without run.sh takes RUN/.lock itself; a stop signal during a validation stops the run
+  after it;
 - WORLD_SIZE without LOCAL_RANK is refused; sync_bn + compile + DDP is refused;
 - fp16 without grad_clip works on a torch without ``get_total_norm``; ``optim.*_lr_mult`` scale the updates.
 """
@@ -197,6 +198,27 @@ def test_a_trainer_started_without_run_sh_takes_the_run_lock(tmp_path, monkeypat
     assert not stale.exists()
     with pytest.raises(RunInUse):  # held by this trainer now
         hold_run_lock(str(run))
+    tr.close()
+
+
+def test_a_signal_during_validation_stops_the_run_after_it(tmp_path, monkeypatch):
+    """SIGTERM while a validation runs (noted as the handler notes it): the validation ends, the step's
+    checkpoint is the stop's (written once), and fit returns 5 at that step."""
+    import signal
+
+    from train import distributed
+    from train.distributed import Dist
+    from train.train import EXIT_STOPPED, Trainer
+
+    monkeypatch.setattr(distributed, "_caught", 0)
+    tr = Trainer(_cfg(tmp_path, train={"val_every_steps": 3, "ckpt_every_steps": 0}), str(tmp_path / "RUN"), Dist())
+    validated, saved = [], []
+    tr.validate = lambda: (validated.append(tr.step), distributed._note(signal.SIGTERM, None), None)[-1]
+    real_save = tr.save
+    tr.save = lambda *a, **k: (saved.append(tr.step), real_save(*a, **k))
+    assert tr.fit() == EXIT_STOPPED
+    assert validated == [3] and saved == [3] and tr.step == 3
+    assert checkpoint.load(str(tmp_path / "RUN" / "last.pt"))["step"] == 3
     tr.close()
 
 
