@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import signal
+import sys
 import time
 from typing import Dict, List, NamedTuple, Optional
 
@@ -34,8 +34,8 @@ from . import checkpoint
 from .config import Config, ConfigError, dump_yaml, from_dict, resolve_run, to_dict
 from .distributed import (Dist, all_gather_object, all_reduce, barrier, catch_stop_signals, cleanup, lost_contact,
                           setup, stop_signal)
-from .launch import hold_run_lock
 from .evaluate import evaluate
+from .launch import hold_run_lock
 from .metrics import RunLog, memory_text, plot_curves, progress_line, summary
 from .schedule import StepSchedule
 
@@ -88,12 +88,13 @@ class Trainer:
       (``_resume``), the DDP/compile wrapping (``_wrap_model``) and every rank's RNG streams.
     * ``run_steps(n, housekeeping=True) -> StepsDone``: up to ``n`` more training steps (never past
       ``total``), across epoch ends. With ``housekeeping`` the run's own schedule of progress lines,
-      validations, checkpoints and the early-stop rule applies (``fit``); without, only the steps run (no
-      log line, validation or checkpoint: ``tools.bench``). Returns the steps run, their wall time and the
+      validations, checkpoints, the early-stop rule and the stop signals apply (``fit``); without, only the
+      steps run (no log line, validation or checkpoint: ``tools.bench``). Returns the steps run, their wall time and the
       time spent waiting for batches. Device work may still be queued when it returns.
     * ``fit() -> exit status``: ``run_steps`` to the end, then the curves and the final line.
     * ``close()``. Read-only facts: ``step``, ``total``, ``spe`` (steps per epoch), ``num_classes``,
-      ``category_ids``, ``stop_message`` (set when the early-stop rule ended the run).
+      ``category_ids``, ``stop_message`` (set when the early-stop rule ended the run), ``stopped_by``
+      (SIGTERM or SIGUSR1 when a stop signal ended it, else 0).
 
     The loss of a batch is ``compute_loss(outputs, labels)``: the one place to add loss terms.
     The model gets the loader's images as they come (``prepare`` only moves them and sets the layout).
