@@ -148,3 +148,25 @@ def tb_steps(tb_dir, tag="train/loss"):
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return [e.step for e in acc.Scalars(tag)]
+
+
+def process_tree(pid):
+    """``pid`` and its descendants, read from /proc: a run.sh's torchrun and its workers (which torchrun starts
+    in sessions of their own, so a process-group signal misses them)."""
+    import os
+
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out

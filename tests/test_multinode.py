@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import process_tree
 from train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,23 +61,8 @@ def c10d_env(port):
 
 
 def node_pids(p):
-    """A node's processes: run.sh, torchrun's agent and its workers (which torchrun starts in sessions of
-    their own, so a process-group kill would miss them)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [p.pid]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
+    """A node's processes: run.sh, torchrun's agent and its workers."""
+    return process_tree(p.pid)
 
 
 def signal_node(p, sig):
@@ -213,9 +199,13 @@ def test_frozen_node_times_out(data_dir, tmp_path):
 
 @pytest.mark.parametrize("text", [
     "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Connection closed by peer [10.0.0.2]:1234",
+    "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer",  # the killed node here
     "Application timeout caused pair closure",  # gloo, a frozen peer caught inside DDP's backward allreduce
     "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation",
     "NCCL communicator was aborted on rank 0. Original reason for failure was: watchdog timeout",
+    "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=8, OpType=ALLREDUCE) ran for 600012 "
+    "milliseconds before timing out.",
+    "NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error, NCCL version 2.21.5",
 ])
 def test_lost_contact_names_what_the_collective_said(text):
     from train.distributed import Dist, lost_contact
@@ -223,5 +213,23 @@ def test_lost_contact_names_what_the_collective_said(text):
     d = Dist(rank=0, world_size=2)
     msg = lost_contact(RuntimeError(text), d)
     assert msg and msg.startswith("rank 0 of 2 lost contact") and "RUN/last.pt" in msg
-    assert lost_contact(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), d) is None
-    assert lost_contact(ValueError("data.batch_size must be > 0"), d) is None
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    # NCCL's own failures: the backend error type, the backend named, no peer lost
+    torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error (run with "
+                                       "NCCL_DEBUG=INFO for details), NCCL version 2.21.5\nncclUnhandledCudaError: "
+                                       "Call to CUDA function failed. Last error: Cuda failure 'out of memory'"),
+    torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, invalid usage (run with "
+                                       "NCCL_DEBUG=WARN for details), NCCL version 2.21.5"),
+    RuntimeError("NCCL communicator was aborted on rank 0. Original reason for failure was: NCCL error: "
+                 "unhandled cuda error"),
+    RuntimeError("CUDA error: the launch timed out and was terminated"),  # a timeout, no process group
+    ValueError("data.batch_size must be > 0"),
+])
+def test_other_errors_are_not_lost_contact(error):
+    from train.distributed import Dist, lost_contact
+
+    assert lost_contact(error, Dist(rank=0, world_size=2)) is None

@@ -2,7 +2,10 @@
 
 - a resume with another process count (at an epoch end) keeps metrics.jsonl whole, in one step unit, and
   converts the best step; a mid-epoch checkpoint refuses another process count or batch size;
-- the exit status reaches run.sh even when torchrun ends rank 0 during its teardown;
+- the exit status reaches run.sh even when torchrun ends rank 0 during its teardown, and the first status
+  reported stays (an error, not the lost contact it causes on the other ranks);
+- a trainer started without run.sh takes RUN/.lock itself; a stop signal during a validation stops the run
+  after it;
 - WORLD_SIZE without LOCAL_RANK is refused; sync_bn + compile + DDP is refused;
 - fp16 without grad_clip works on a torch without ``get_total_norm``; ``optim.*_lr_mult`` scale the updates.
 """
@@ -128,6 +131,18 @@ def test_exit_status_survives_a_slow_rank_0_teardown(data_dir, tmp_path):
     assert status.read_text() == "2", p.stdout + p.stderr
 
 
+def test_the_first_status_reported_stays(tmp_path, monkeypatch):
+    """An error on one rank (1) makes the others lose contact (4) after it: run.sh returns the cause."""
+    from train.train import EXIT_ERROR, EXIT_LOST_CONTACT, report_status
+
+    status = tmp_path / "status"
+    status.write_text("")  # as run.sh's mktemp leaves it
+    monkeypatch.setenv("TRAIN_STATUS_FILE", str(status))
+    report_status(EXIT_ERROR)
+    report_status(EXIT_LOST_CONTACT)
+    assert status.read_text() == "1"
+
+
 def test_world_size_without_local_rank_is_refused(data_dir, tmp_path):
     p = subprocess.run([sys.executable, "-m", "train.train", "--config", "demo", "--data", str(data_dir), "--out",
                         str(tmp_path / "RUN"), *SMALL], cwd=ROOT, env=env(WORLD_SIZE="2", RANK="0"),
@@ -161,6 +176,50 @@ def test_sync_bn_with_compile_on_several_processes_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="model.sync_bn=true with model.compile=true"):
         Trainer(cfg, str(tmp_path / "RUN"), Dist(rank=0, world_size=2))  # refused before any collective
     assert not (tmp_path / "RUN").exists()
+
+
+def test_a_trainer_started_without_run_sh_takes_the_run_lock(tmp_path, monkeypatch):
+    """Without train/run.sh (python -m train.train, or c10d nodes) rank 0 takes RUN/.lock itself: refused while
+    another process holds it, before anything in RUN is touched; a released lock does not block."""
+    from train.launch import LOCK_ENV, RunInUse, hold_run_lock
+    from train.distributed import Dist
+    from train.train import Trainer
+
+    monkeypatch.delenv(LOCK_ENV, raising=False)
+    run = tmp_path / "RUN"
+    held = hold_run_lock(str(run))  # another run (flock: another open file, even in this process)
+    stale = run / ".last.pt.abcd.tmp"  # an unfinished checkpoint write, which a starting trainer removes
+    stale.write_bytes(b"x")
+    with pytest.raises(RunInUse, match=rf"in use by a live run: pid {os.getpid()} on host "):
+        Trainer(_cfg(tmp_path), str(run), Dist())
+    assert stale.exists() and sorted(os.listdir(run)) == [".last.pt.abcd.tmp", ".lock"]
+    os.close(held)  # the holder ends
+    tr = Trainer(_cfg(tmp_path), str(run), Dist())
+    assert not stale.exists()
+    with pytest.raises(RunInUse):  # held by this trainer now
+        hold_run_lock(str(run))
+    tr.close()
+
+
+def test_a_signal_during_validation_stops_the_run_after_it(tmp_path, monkeypatch):
+    """SIGTERM while a validation runs (noted as the handler notes it): the validation ends, the step's
+    checkpoint is the stop's (written once), and fit returns 5 at that step."""
+    import signal
+
+    from train import distributed
+    from train.distributed import Dist
+    from train.train import EXIT_STOPPED, Trainer
+
+    monkeypatch.setattr(distributed, "_caught", 0)
+    tr = Trainer(_cfg(tmp_path, train={"val_every_steps": 3, "ckpt_every_steps": 0}), str(tmp_path / "RUN"), Dist())
+    validated, saved = [], []
+    tr.validate = lambda: (validated.append(tr.step), distributed._note(signal.SIGTERM, None), None)[-1]
+    real_save = tr.save
+    tr.save = lambda *a, **k: (saved.append(tr.step), real_save(*a, **k))
+    assert tr.fit() == EXIT_STOPPED
+    assert validated == [3] and saved == [3] and tr.step == 3
+    assert checkpoint.load(str(tmp_path / "RUN" / "last.pt"))["step"] == 3
+    tr.close()
 
 
 def test_fp16_without_clip_on_a_torch_without_get_total_norm(tmp_path, monkeypatch):

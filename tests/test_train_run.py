@@ -2,7 +2,10 @@
 
 - the demo recipe learns the generated set and writes checkpoints, metrics and the curves PNG;
 - DDP with 2 processes (gloo, dali-cpu): disjoint data per rank, identical parameters after several steps;
-- a run killed with SIGKILL mid-epoch and started again ends bit-equal to an uninterrupted run;
+- a run killed with SIGKILL mid-epoch and started again ends bit-equal to an uninterrupted run; so does one
+  stopped by SIGTERM/SIGUSR1 (to run.sh, to torchrun, to the worker), which checkpoints and exits 5;
+- one run per RUN directory: a second start while one runs is refused (exit 2, naming the holder), and the
+  workers of a launcher killed with SIGKILL die with it;
 - refusals (another model's checkpoint), the early-stop rule and a non-finite loss end runs with clear messages;
 - fine-tuning on tiled products starts from an ``init_from`` checkpoint of the same class map.
 """
@@ -14,9 +17,10 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 
-from tests.conftest import DEMO_FIXTURE, tb_steps
+from tests.conftest import DEMO_FIXTURE, process_tree, tb_steps
 from train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,33 +92,78 @@ def _last_step(run):
         return -1
 
 
+def _start(args, prefix=()):
+    return subprocess.Popen([*prefix, RUN_SH, *map(str, args)], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+# run.sh as PID 1 of a PID namespace of its own, as in a container: there a signal without a handler is
+# ignored (docker stop would wait out its grace period and SIGKILL). Needs root and util-linux's unshare.
+AS_PID_1 = ("unshare", "--pid", "--fork", "--mount-proc")
+
+
+def _can_run_as_pid_1():
+    try:
+        return subprocess.run([*AS_PID_1, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _wait_for(proc, run, min_logged_step, after_ckpt_step=0, timeout=300):
+    """Until metrics.jsonl shows ``min_logged_step`` and last.pt is at or past ``after_ckpt_step``."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, "the run ended too early:\n" + proc.stdout.read()
+        assert time.time() < deadline, "the run never got far enough"
+        logged = [r["step"] for r in records(run, "train")] if os.path.exists(run / "metrics.jsonl") else []
+        if logged and max(logged) >= min_logged_step and _last_step(run) >= after_ckpt_step:
+            return
+        time.sleep(0.05)
+
+
 def _run_and_kill(args, run, after_ckpt_step, min_logged_step, timeout=300):
     """Start run.sh; SIGKILL its whole process group once last.pt is at or past ``after_ckpt_step`` and
     metrics.jsonl shows ``min_logged_step`` (steps after that checkpoint that the resumed run must redo)."""
-    proc = subprocess.Popen([RUN_SH, *map(str, args)], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + timeout
+    proc = _start(args)
     try:
-        while True:
-            assert proc.poll() is None, "the run ended before it was killed:\n" + proc.stdout.read()
-            assert time.time() < deadline, "the run never got far enough"
-            logged = [r["step"] for r in records(run, "train")] if os.path.exists(run / "metrics.jsonl") else []
-            if logged and max(logged) >= min_logged_step and _last_step(run) >= after_ckpt_step:
-                break
-            time.sleep(0.05)
+        _wait_for(proc, run, min_logged_step, after_ckpt_step, timeout)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
 
 
-def test_sigkilled_run_resumes_bit_exact(data_dir, tmp_path):
-    common = ["--data", data_dir, *SMALL, "train.log_every=1", "train.ckpt_every_steps=10"]
-    full = tmp_path / "full"
-    run_sh("demo", "--out", full, *common)
+RESUME_ARGS = [*SMALL, "train.log_every=1", "train.ckpt_every_steps=10"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    """The uninterrupted run that the interrupted ones must end equal to."""
+    full = tmp_path_factory.mktemp("reference") / "full"
+    run_sh("demo", "--out", full, "--data", data_dir, *RESUME_ARGS)
     ref = checkpoint.load(str(full / "last.pt"))
-    spe, total = ref["steps_per_epoch"], ref["step"]
-    assert total == round(1.5 * spe) and total % spe  # ends mid-epoch
+    assert ref["step"] == round(1.5 * ref["steps_per_epoch"]) and ref["step"] % ref["steps_per_epoch"]  # mid-epoch
+    return full, ref
+
+
+def _assert_equal_to_reference(run, reference_run):
+    full, ref = reference_run
+    got = checkpoint.load(str(run / "last.pt"))
+    assert got["step"] == ref["step"] and got["status"] == "finished"
+    for key, value in ref["model"].items():
+        assert torch.equal(got["model"][key], value), key
+    for pid, st in ref["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(got["optimizer"]["state"][pid][k], v), (pid, k)
+    # the log of the resumed run has each step once, as the uninterrupted one
+    steps = [r["step"] for r in records(run, "train")]
+    assert steps == sorted(set(steps)) == [r["step"] for r in records(full, "train")]
+    assert records(run, "val")[-1]["product_acc"] == records(full, "val")[-1]["product_acc"]
+
+
+def test_sigkilled_run_resumes_bit_exact(data_dir, tmp_path, reference_run):
+    common = ["--data", data_dir, *RESUME_ARGS]
+    spe, total = reference_run[1]["steps_per_epoch"], reference_run[1]["step"]
 
     run = tmp_path / "killed"
     args = ["demo", "--out", run, *common]
@@ -125,18 +174,7 @@ def test_sigkilled_run_resumes_bit_exact(data_dir, tmp_path):
     assert spe < _last_step(run) < total
     p = run_sh(*args)
     assert p.stdout.startswith("resuming at step") or "resuming at step" in p.stdout
-
-    got = checkpoint.load(str(run / "last.pt"))
-    assert got["step"] == total and got["status"] == "finished"
-    for key, value in ref["model"].items():
-        assert torch.equal(got["model"][key], value), key
-    for pid, st in ref["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(got["optimizer"]["state"][pid][k], v), (pid, k)
-    # the log of the resumed run has each step once, as the uninterrupted one
-    steps = [r["step"] for r in records(run, "train")]
-    assert steps == sorted(set(steps)) == [r["step"] for r in records(full, "train")]
-    assert records(run, "val")[-1]["product_acc"] == records(full, "val")[-1]["product_acc"]
+    _assert_equal_to_reference(run, reference_run)
 
     # The same RUN with another model: refused, naming both.
     p = run_sh(*args, "model.name=resnet10t", check=False)
@@ -186,6 +224,127 @@ def test_resume_across_loader_graphs(data_dir, tmp_path):
     assert "graph: saved 'decoder-crop', now 'size-check'" in p.stderr, p.stdout + p.stderr
     assert "stopped mid-epoch" in p.stderr and f"train.init_from={run / 'last.pt'}" in p.stderr, p.stderr
     assert checkpoint.load(str(run / "last.pt"))["step"] == round(1.5 * spe)  # nothing lost
+
+
+def _workers(launcher_pid):
+    """The trainer processes under run.sh ``launcher_pid``: torchrun's children."""
+    tree = process_tree(launcher_pid)
+    torchrun = [p for p in tree[1:] if _parent(p) == launcher_pid]
+    return [p for p in tree if torchrun and _parent(p) == torchrun[0]]
+
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _stop_with(args, run, min_logged_step, sig, target):
+    """Start run.sh, send ``sig`` to ``target`` (run.sh, run.sh as PID 1, its torchrun, the workers or rank 1)
+    once metrics.jsonl shows ``min_logged_step``: the run writes last.pt at the step it stopped after and exits
+    5. Returns that step and the output."""
+    proc = _start(args, AS_PID_1 if target == "run.sh as PID 1" else ())
+    try:
+        _wait_for(proc, run, min_logged_step)
+        run_sh_pid = proc.pid if target != "run.sh as PID 1" else process_tree(proc.pid)[1]
+        workers = _workers(run_sh_pid)
+        pids = {"torchrun": [_parent(w) for w in workers][:1], "workers": workers,
+                "rank 1": [w for w in workers if _rank(w) == 1]}.get(target, [run_sh_pid])
+        assert pids, target
+        for pid in pids:
+            os.kill(pid, sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 5, out
+    stopped = records(run, "event")[-1]
+    ck = checkpoint.load(str(run / "last.pt"))
+    assert stopped["event"] == "stopped" and stopped["signal"] == signal.Signals(sig).name, out
+    # last.pt holds the step it stopped after, the last one logged
+    assert ck["step"] == stopped["step"] == records(run, "train")[-1]["step"] >= min_logged_step, out
+    assert ck["status"] == "running"
+    assert f"stopped by {signal.Signals(sig).name} at step {ck['step']}" in out
+    assert "Traceback" not in out or target == "torchrun", out  # torchrun alone reports its own signal
+    return ck["step"], out
+
+
+def test_signalled_run_checkpoints_exits_5_and_resumes_bit_exact(data_dir, tmp_path, reference_run):
+    """SIGTERM to run.sh (as a container's PID 1 where this machine can), SIGUSR1 to torchrun alone, SIGTERM
+    to the worker: each time the run stops after a step, with that step in last.pt and exit status 5; the same
+    command resumes it, and it ends equal to the uninterrupted run."""
+    spe = reference_run[1]["steps_per_epoch"]
+    run = tmp_path / "RUN"
+    args = ["demo", "--out", run, "--data", data_dir, *RESUME_ARGS]
+    first, _ = _stop_with(args, run, 5, signal.SIGTERM, "run.sh as PID 1" if _can_run_as_pid_1() else "run.sh")
+    assert first < spe  # mid-epoch 1
+    second, _ = _stop_with(args, run, spe + 3, signal.SIGUSR1, "torchrun")
+    third, _ = _stop_with(args, run, second + 3, signal.SIGTERM, "workers")
+    assert spe < second < third < reference_run[1]["step"]
+    run_sh(*args)
+    _assert_equal_to_reference(run, reference_run)
+
+
+def _rank(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return int(dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)[b"RANK"])
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_one_run_per_run_dir_and_workers_die_with_their_launcher(data_dir, tmp_path):
+    """Two processes. A second start on a RUN that a live run holds exits 2 at once, naming the holder, and
+    touches nothing (an unfinished checkpoint write it would clean up stays); after a kill -9 of the first
+    run's process group no worker is left within 10 s, and its lock does not block the next start; SIGTERM to
+    rank 1 alone stops both ranks after the same step, with that step in last.pt."""
+    import socket
+
+    from train.train import Trainer
+
+    run = tmp_path / "RUN"
+    args = ["demo", "--out", run, "--data", data_dir, "--nproc", "2", *SMALL, "train.epochs=1000",
+            "train.log_every=1", "train.ckpt_every_steps=2"]
+    first = _start(args)
+    try:
+        _wait_for(first, run, 3, after_ckpt_step=2)
+        workers = _workers(first.pid)
+        assert len(workers) == 2
+        stale = run / ".last.pt.unfinished.tmp"  # what the trainer removes when it starts
+        stale.write_bytes(b"x")
+        config_mtime = (run / "config.yaml").stat().st_mtime_ns
+        t0 = time.time()
+        second = run_sh(*args, check=False, timeout=120)
+        assert second.returncode == 2 and time.time() - t0 < 60, second.stdout + second.stderr
+        line = second.stderr.strip()
+        assert len(line.splitlines()) == 1 and line.startswith("error: ") and second.stdout == "", line
+        holder = _parent(workers[0])  # the lock is torchrun's
+        assert f"pid {holder} on host {socket.gethostname()}" in line and "in use by a live run" in line, line
+        assert stale.exists() and (run / "config.yaml").stat().st_mtime_ns == config_mtime
+        tree = process_tree(first.pid)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        first.stdout.close()
+    deadline = time.time() + 10
+    while any(map(_alive, tree)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in tree if _alive(p)], "processes of the killed run live on"
+
+    # the dead run's lock does not block; a stop signal to one rank stops both after the same step
+    resumed_from = _last_step(run)
+    step, out = _stop_with(args, run, resumed_from + 2, signal.SIGTERM, "rank 1")
+    assert f"resuming at step {resumed_from}" in out
+    assert step % Trainer.STOP_CHECK_EVERY == 0 and step > resumed_from
+    assert not stale.exists()  # removed by the run that started
 
 
 # ---- DDP ------------------------------------------------------------------------------------------------

@@ -368,6 +368,15 @@ def resolve_run(recipe: str, data: Optional[str] = None, overrides: Sequence[str
     return cfg, run_dir
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``train/run.sh RECIPE [--data DATA] [--out RUN] [section.key=value ...]`` (read by
+    ``train.config`` and ``train.launch``; ``resolve_run`` takes them)."""
+    p.add_argument("recipe", help="a name in train/configs/ or a path to a YAML")
+    p.add_argument("--data", help="repacked DATA directory (sets data.path)")
+    p.add_argument("--out", help="run directory (default: runs/RECIPE)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
 def main(argv=None) -> int:
     """``python -m train.config RECIPE [--data DATA] [--out RUN] [section.key=value ...]``: check what
     ``train/run.sh`` would start with (run.sh does, before torchrun) and print the resolved config. A mistake
@@ -375,11 +384,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.config", description=(
         "Check what train/run.sh would start with (the recipe, the overrides, the data directory) and print the "
         "resolved config. A mistake is one line on stderr and exit status 2."))
-    p.add_argument("recipe", help="a name in train/configs/ or a path to a YAML")
-    p.add_argument("--data", help="repacked DATA directory (sets data.path)")
-    p.add_argument("--out", help="run directory (default: runs/RECIPE)")
+    add_run_args(p)
     p.add_argument("--quiet", action="store_true", help="print nothing when all is well")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
     a = p.parse_intermixed_args(argv)
     try:
         cfg, _ = resolve_run(a.recipe, a.data, a.overrides, a.out)

@@ -6,9 +6,12 @@ NCCL; without, it runs on the CPU and talks gloo.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import re
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -35,6 +38,7 @@ class Dist:
 def setup(timeout_s: float = 600.0) -> Dist:
     """This process's place in the run; with several processes, the process group, whose collectives give
     up after ``timeout_s`` (train.dist_timeout_s) waiting for another process."""
+    die_with_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         missing = [k for k in ("RANK", "LOCAL_RANK") if k not in os.environ]
@@ -61,9 +65,15 @@ def setup(timeout_s: float = 600.0) -> Dist:
     return Dist(rank, world, local, device)
 
 
-# What gloo, NCCL and c10d say when a peer died, hung past the timeout or cannot be reached.
-_LOST_SIGNS = ("connection reset", "connection closed", "connection refused", "broken pipe", "timed out", "timeout",
-               "pair closure", "gloo", "nccl", "c10d")
+# What gloo, NCCL and c10d say when a peer died, hung past the timeout or cannot be reached. Phrases that
+# name a peer are enough; the others (a timeout, a refused connection) count only in an error of the process
+# group (a DistError, or text that names the backend), never in, say, an out-of-memory error or an error of
+# NCCL itself (an unhandled CUDA error, an invalid usage), which report themselves (exit 1).
+_PEER_SIGNS = ("connection reset by peer", "connection closed by peer", "pair closure", "remote process exited",
+               "network error")
+_WAIT_SIGNS = ("connection reset", "connection closed", "connection refused", "broken pipe", "timed out",
+               "timeout", "timing out", "no route to host", "unreachable")
+_GROUP_SIGNS = ("gloo", "nccl", "c10d", "processgroup", "watchdog")
 
 
 def lost_contact(e: BaseException, d: Dist) -> Optional[str]:
@@ -72,7 +82,11 @@ def lost_contact(e: BaseException, d: Dist) -> Optional[str]:
     if not d.enabled:
         return None
     text = str(e).strip()
-    if not isinstance(e, dist.DistError) and not any(s in text.lower() for s in _LOST_SIGNS):
+    low = text.lower()
+    of_group = isinstance(e, dist.DistError) or any(s in low for s in _GROUP_SIGNS)
+    lost = (isinstance(e, (dist.DistNetworkError, dist.DistStoreError)) or any(s in low for s in _PEER_SIGNS)
+            or (of_group and any(s in low for s in _WAIT_SIGNS)))
+    if not lost:
         return None
     first = text.splitlines()[0] if text else type(e).__name__
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's source location, "[.../pair.cc:545] "
@@ -82,6 +96,45 @@ def lost_contact(e: BaseException, d: Dist) -> Optional[str]:
             "node or process died, became unreachable or did not answer within train.dist_timeout_s, and this "
             "one stops too. Look at the other nodes' output for the first error; then start the same command "
             "on every node again: the run resumes from RUN/last.pt")
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, have the kernel SIGKILL this worker when torchrun dies (the OOM killer, a ``kill -9``
+    of the launcher's process group, a crashed agent): torchrun starts each worker in a session of its own, so
+    nothing else would end it, and it would go on training beside a rerun of the same command. Linux only."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # torchrun died before the kernel watched it
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- stopping on a signal ------------------------------------------------------------------------------
+# SIGTERM and SIGUSR1 (docker stop, a scheduler's preemption or time limit, torchrun's shutdown) only note the
+# signal here; the trainer asks ``stop_signal`` at step boundaries, and every rank gets the same answer.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_caught = 0
+
+
+def _note(signum, frame) -> None:
+    global _caught
+    _caught = signum
+
+
+def catch_stop_signals() -> None:
+    for s in STOP_SIGNALS:
+        signal.signal(s, _note)
+
+
+def stop_signal(d: Dist) -> int:
+    """The stop signal that any rank of the run has caught, 0 if none: a collective (every rank calls it at
+    the same step), answering the same on every rank."""
+    if not d.enabled:
+        return _caught
+    return int(all_reduce(torch.tensor(_caught, device=d.device), d, "max"))
 
 
 def cleanup() -> None:

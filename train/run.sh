@@ -45,11 +45,6 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python}
 
-# The recipe, the overrides and the data directory, checked in one process before torchrun starts: a
-# mistake prints one line and exits 2 (inside torchrun it would come with a failure report per worker), and
-# nothing is written.
-"$py" -m train.config --quiet "$recipe" ${args[@]+"${args[@]}"} || exit $?
-
 # Visible GPUs, without paying for a torch import: CUDA_VISIBLE_DEVICES if set, else nvidia-smi, else the
 # driver's /proc entries.
 if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
@@ -88,15 +83,55 @@ if [ "$nnodes" -gt 1 ]; then
 else
     rdzv=(--standalone)
 fi
+# RUN/.lock is taken by the node that hosts rank 0 (static rendezvous: node 0); with c10d rendezvous node
+# ranks are only known once torchrun has started, and the trainer's rank 0 takes it.
+lock=()
+if [ "$nnodes" -gt 1 ] && { [ -n "${RDZV_ENDPOINT:-}" ] || [ "${NODE_RANK:-0}" != 0 ]; }; then
+    lock=(--no-lock)
+fi
 
 # torchrun exits 1 whatever status a worker had, and reports it as a failure with a traceback. The trainer
-# leaves its own status (see train/train.py) in this file for run.sh to return; after an early stop (3), a
-# designed end, the workers exit 0 so that torchrun stays quiet.
+# leaves its own status (see train/train.py) in this file for run.sh to return; after an early stop (3) or a
+# stop on a signal (5), designed ends, the workers exit 0 so that torchrun stays quiet.
 status_file=$(mktemp)
 trap 'rm -f "$status_file"' EXIT
 export TRAIN_STATUS_FILE=$status_file
+
+# train.launch checks the recipe, the overrides and the data directory, takes RUN/.lock and becomes torchrun,
+# in one process before any worker starts: a mistake or a RUN in use prints one line and exits 2 (inside
+# torchrun it would come with a failure report per worker), and nothing is written. It runs in the
+# background so that this shell can pass SIGTERM and SIGUSR1 on (as a container's PID 1 too, which has no
+# default action for them); it keeps Ctrl-C's SIGINT (a background job would ignore it).
+( trap - INT; exec "$py" -m train.launch "$recipe" ${args[@]+"${args[@]}"} ${lock[@]+"${lock[@]}"} -- \
+    "${rdzv[@]}" --nproc_per_node="$nproc" -m train.train --config "$recipe" "${args[@]}" ) &
+launcher=$!
+
+# SIGTERM / SIGUSR1 (docker stop, a scheduler's preemption or time limit) go to the workers themselves:
+# each notes it, the ranks agree on a step to stop after, rank 0 writes RUN/last.pt and they exit (status
+# 5). torchrun is left alone: it would pass the signal on too, and a second one arriving while it waits for
+# its workers ends it and them (a scheduler that signals every process of the job sends it one).
+stop() {
+    local workers=() f stat
+    for f in /proc/[0-9]*/stat; do  # torchrun's children (no ps in slim images)
+        read -r stat < "$f" 2>/dev/null || continue
+        stat=${stat##*) }
+        set -- $stat
+        [ "$2" = "$launcher" ] && workers+=("${f//[!0-9]/}")
+    done
+    if [ ${#workers[@]} -gt 0 ]; then
+        kill -s "$sig" "${workers[@]}" 2>/dev/null || true
+    else  # no worker yet (still checking or in rendezvous): nothing to save
+        kill -s TERM "$launcher" 2>/dev/null || true
+    fi
+}
+trap 'sig=TERM stop' TERM
+trap 'sig=USR1 stop' USR1
+trap ':' INT  # torchrun (same process group) gets Ctrl-C itself; keep waiting for its status
 rc=0
-"$py" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$nproc" \
-    -m train.train --config "$recipe" "${args[@]}" || rc=$?
+while :; do
+    rc=0
+    wait "$launcher" || rc=$?
+    kill -0 "$launcher" 2>/dev/null || break  # wait returns early when a trap ran
+done
 status=$(cat "$status_file")
 exit "${status:-$rc}"

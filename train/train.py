@@ -5,14 +5,17 @@ talking gloo), or directly as one process. Re-running the same command with an e
 resumes exactly where that checkpoint stopped, mid-epoch included.
 
 Exit status: 0 done (or already done), 1 the loss went non-finite, 2 a config/data/checkpoint problem
-(the message says which), 3 stopped early by the ``early_stop`` rule, 4 lost contact with the other
-processes of a distributed run (a node died, hung past ``train.dist_timeout_s`` or became unreachable).
+(the message says which, a RUN that a live run holds included), 3 stopped early by the ``early_stop`` rule,
+4 lost contact with the other processes of a distributed run (a node died, hung past ``train.dist_timeout_s``
+or became unreachable), 5 stopped by SIGTERM or SIGUSR1 after writing RUN/last.pt (run the same command to
+resume: a scheduler can requeue on it). Any other error exits 1 with its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import signal
 import sys
 import time
 from typing import Dict, List, NamedTuple, Optional
@@ -29,12 +32,15 @@ from models import AUX_HEADS, create_model, param_groups
 
 from . import checkpoint, resume
 from .config import Config, ConfigError, dump_yaml, resolve_run, to_dict
-from .distributed import Dist, all_gather_object, all_reduce, barrier, cleanup, lost_contact, setup
+from .distributed import (Dist, all_gather_object, all_reduce, barrier, catch_stop_signals, cleanup, lost_contact,
+                          setup, stop_signal)
 from .evaluate import evaluate
+from .launch import hold_run_lock
 from .metrics import RunLog, memory_text, plot_curves, progress_line, summary
 from .schedule import StepSchedule
 
-EXIT_NONFINITE, EXIT_USAGE, EXIT_EARLY_STOP, EXIT_LOST_CONTACT = 1, 2, 3, 4
+EXIT_NONFINITE, EXIT_USAGE, EXIT_EARLY_STOP, EXIT_LOST_CONTACT, EXIT_STOPPED = 1, 2, 3, 4, 5
+EXIT_ERROR = 1  # any other error (its traceback says which)
 LAST, BEST = "last.pt", "best.pt"
 _NO_STEP = 2**62  # "no bad step yet" in the device-side min-reduction
 
@@ -71,21 +77,29 @@ class Trainer:
       (``_resume``), the DDP/compile wrapping (``_wrap_model``) and every rank's RNG streams.
     * ``run_steps(n, housekeeping=True) -> StepsDone``: up to ``n`` more training steps (never past
       ``total``), across epoch ends. With ``housekeeping`` the run's own schedule of progress lines,
-      validations, checkpoints and the early-stop rule applies (``fit``); without, only the steps run (no
-      log line, validation or checkpoint: ``tools.bench``). Returns the steps run, their wall time and the
+      validations, checkpoints, the early-stop rule and the stop signals apply (``fit``); without, only the
+      steps run (no log line, validation or checkpoint: ``tools.bench``). Returns the steps run, their wall time and the
       time spent waiting for batches. Device work may still be queued when it returns.
     * ``fit() -> exit status``: ``run_steps`` to the end, then the curves and the final line.
     * ``close()``. Read-only facts: ``step``, ``total``, ``spe`` (steps per epoch), ``num_classes``,
-      ``category_ids``, ``stop_message`` (set when the early-stop rule ended the run).
+      ``category_ids``, ``stop_message`` (set when the early-stop rule ended the run), ``stopped_by``
+      (SIGTERM or SIGUSR1 when a stop signal ended it, else 0).
 
     The loss of a batch is ``compute_loss(outputs, labels)``: the one place to add loss terms.
     The model gets the loader's images as they come (``prepare`` only moves them and sets the layout).
     """
 
+    # With several processes the ranks ask each other for a caught stop signal every this many steps (a
+    # host sync on the GPU); one process looks at every step.
+    STOP_CHECK_EVERY = 10
+
     def __init__(self, cfg: Config, run_dir: str, d: Dist):
         self.cfg, self.run_dir, self.d = cfg, run_dir, d
         self.dev = d.device
         self.stop_message: Optional[str] = None
+        self.stopped_by = 0  # the signal (SIGTERM, SIGUSR1) the run stopped on
+        self._saved_step = -1
+        self._run_lock = None
         self._check_combination()
         self._set_determinism()
         cfg.data.backend = resolve_backend(cfg.data.backend, note=self.note)
@@ -138,7 +152,9 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         if self.d.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
+            # One run per RUN: train/run.sh took RUN/.lock before torchrun started (then this is a no-op);
+            # started otherwise, rank 0 takes it here, before anything in RUN is touched.
+            self._run_lock = hold_run_lock(self.run_dir, note=self.note)
             stale = checkpoint.remove_stale_temps(self.run_dir)
             if stale:
                 self.note(f"removed {len(stale)} unfinished checkpoint write(s): {', '.join(stale)}")
@@ -415,6 +431,7 @@ class Trainer:
             checkpoint.save(ckpt, last)
             if new_best:
                 checkpoint.copy(last, os.path.join(self.run_dir, BEST))
+        self._saved_step = self.step
 
     def _early_stop(self, m: Dict[str, float]) -> Optional[str]:
         es = self.cfg.early_stop
@@ -451,6 +468,8 @@ class Trainer:
         """Up to ``n`` more steps (never past ``total``; fewer when the early-stop rule ends the run)."""
         done, wait, t_start = 0, 0.0, time.perf_counter()
         while done < n and self.step < self.total and self.stop_message is None:
+            if housekeeping and self._stop_on_signal():
+                break
             if self._batches is None:
                 self._batches = iter(self.train_loader)
             t0 = time.perf_counter()
@@ -477,6 +496,22 @@ class Trainer:
                 self._housekeeping()
         return StepsDone(done, time.perf_counter() - t_start, wait)
 
+    def _stop_on_signal(self) -> bool:
+        """At a step boundary that every rank checks: when a rank has caught SIGTERM or SIGUSR1, every rank
+        stops here and rank 0 writes RUN/last.pt at this step (a signal during a validation waits for its
+        end)."""
+        if self.d.enabled and self.step % self.STOP_CHECK_EVERY:
+            return False
+        self.stopped_by = stop_signal(self.d)
+        if not self.stopped_by:
+            return False
+        if self._saved_step != self.step:
+            self.flush()
+            self.save("running")
+            self._reset_interval()
+        self.log.record("event", self.step, event="stopped", signal=signal.Signals(self.stopped_by).name)
+        return True
+
     def fit(self) -> int:
         cfg, d = self.cfg, self.d
         ck = self.ckpt
@@ -492,6 +527,11 @@ class Trainer:
         self.run_steps(self.total - self.step)
         if d.is_main:
             plot_curves(self.run_dir)
+        if self.stopped_by:
+            self.log.print(f"stopped by {signal.Signals(self.stopped_by).name} at step {self.step} (epoch "
+                           f"{self.step / self.spe:.2f}): {os.path.join(self.run_dir, LAST)} holds it; run the same "
+                           "command to resume")
+            return EXIT_STOPPED
         if self.stop_message:
             self.log.record("event", self.step, event="early_stop", message=self.stop_message)
             self.log.print(self.stop_message)
@@ -516,6 +556,8 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
+        if self._run_lock is not None:
+            os.close(self._run_lock)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -529,6 +571,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    catch_stop_signals()  # from the start: a signal during the set-up stops the run at its first step
     args = parse_args(argv)
     d = None
     trainer = None
@@ -544,6 +587,7 @@ def main(argv=None) -> int:
         code = trainer.fit()
     except (ValueError, DatasetError, checkpoint.CheckpointError) as e:  # ConfigError is a ValueError
         if trainer is not None:  # past setup a ValueError is a bug: show where
+            report_status(EXIT_ERROR)
             raise
         if d is None or d.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -555,9 +599,13 @@ def main(argv=None) -> int:
     except RuntimeError as e:  # a collective that failed: another node died, hung or went away
         msg = lost_contact(e, d) if d is not None else None
         if msg is None:
+            report_status(EXIT_ERROR)
             raise
         print(f"error: {msg}", file=sys.stderr, flush=True)  # every rank: each says what it saw
         code = EXIT_LOST_CONTACT
+    except Exception:
+        report_status(EXIT_ERROR)  # first: the other ranks lose contact (4) because of this error
+        raise
     finally:
         # The status first: once one process of the run exits, torchrun ends the others, teardown or not.
         if code:
@@ -571,16 +619,24 @@ def main(argv=None) -> int:
 def report_status(code: int) -> None:
     """Under run.sh (TRAIN_STATUS_FILE set) the status goes to that file, for run.sh to return: torchrun
     turns every failure into 1. Every process writes it (atomically), as soon as it knows it, so the status
-    is there whichever process torchrun sees end first."""
+    is there whichever process torchrun sees end first. The first status stays: an error on one rank makes
+    the others lose contact (4) after it."""
     path = os.environ.get("TRAIN_STATUS_FILE")
-    if path and code:
-        atomic_write_text(path, str(code))
+    if not path or not code:
+        return
+    try:
+        with open(path) as f:
+            if f.read().strip():
+                return
+    except FileNotFoundError:
+        pass
+    atomic_write_text(path, str(code))
 
 
 def _exit_status(code: int) -> int:
-    """The process's exit status: under run.sh an early stop exits 0, so that torchrun does not report a
-    failure (run.sh returns 3 from the status file)."""
-    if os.environ.get("TRAIN_STATUS_FILE") and code == EXIT_EARLY_STOP:
+    """The process's exit status: under run.sh an early stop or a stop on a signal exits 0, so that torchrun
+    does not report a failure (run.sh returns 3 or 5 from the status file)."""
+    if os.environ.get("TRAIN_STATUS_FILE") and code in (EXIT_EARLY_STOP, EXIT_STOPPED):
         return 0
     return code
 
