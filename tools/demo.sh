@@ -30,6 +30,7 @@ Done. Where things are:
   curves       $OUT/run/curves.png   metrics: $OUT/run/metrics.jsonl
   data         $OUT/data (manifest.json, quarantine.csv)
 MSG
-acc=$($PY -c "from train.predict import score; print(f'{score(\"$OUT/submission.csv\", \"$OUT/raw/test_answers.csv\"):.4f}')")
+acc=$($PY -c "import sys; from tools.predict import read_answers; from train.predict import score
+print(f'{score(sys.argv[1], read_answers(sys.argv[2]), sys.argv[2]):.4f}')" "$OUT/submission.csv" "$OUT/raw/test_answers.csv")
 printf '\nTest-set product accuracy: %s (300 products, 20 categories: chance is 0.05); training took %ss.\n' \
     "$acc" "$train_s"
