@@ -128,7 +128,7 @@ def fast_bf16(device) -> bool:
 
 
 def resolve_amp(amp: str, device, note: Optional[Callable[[str], None]] = None) -> str:
-    """The one autocast policy (training, ``tools.bench``; predict and clean autocast bf16 on CUDA only):
+    """The one autocast policy (training, ``tools.bench``; predict and clean through ``inference_autocast``):
     bf16 on a device without fast bf16 (``fast_bf16``) falls back to off (float32), and ``note`` (default:
     print to stderr) says so; the caller records what it used. Any other mode is returned as it is."""
     if amp == "bf16" and not fast_bf16(device):

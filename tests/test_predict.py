@@ -626,3 +626,19 @@ def test_sigterm_removes_the_probs_temporary_and_the_bson_repack(trained, small,
     assert r.returncode == 128 + 15, r.stderr[-2000:]
     assert "predict: interrupted (SIGTERM)" in r.stderr and "Traceback" not in r.stderr
     assert os.listdir(out) == [] and os.listdir(work) == []
+
+
+def test_inference_autocast_follows_the_training_amp_policy(monkeypatch):
+    """Predict and clean autocast bf16 only on a GPU with hardware bf16 (resolve_amp); elsewhere float32."""
+    import dali_pipes.config as dc
+    from train.predict import inference_autocast
+
+    made = []
+    monkeypatch.setattr(torch, "autocast", lambda device_type, **kw: made.append((device_type, kw)))
+    for fast, want in ((True, {"dtype": torch.bfloat16}), (False, {"enabled": False})):
+        monkeypatch.setattr(dc, "fast_bf16", lambda device, fast=fast: fast)
+        inference_autocast(torch.device("cuda"))()
+        assert made.pop() == ("cuda", want)
+    monkeypatch.setattr(dc, "fast_bf16", lambda device: True)  # a CPU keeps float32 even where it has bf16
+    inference_autocast(torch.device("cpu"))()
+    assert made.pop() == ("cpu", {"enabled": False})

@@ -41,7 +41,7 @@ def score_images(data: str, checkpoint: str, *, tta: str = "flip", batch: int = 
     from dali_pipes.dataset import check_class_map, open_dataset
     from dali_pipes.fileio import Progress
     from dali_pipes.loader import build_loader
-    from train.predict import load_member, resolve_placement, width_dim
+    from train.predict import inference_autocast, load_member, resolve_placement, width_dim
 
     if tta not in ("flip", "none"):
         raise CleanError(f"--tta must be flip or none, not {tta!r}")
@@ -54,8 +54,7 @@ def score_images(data: str, checkpoint: str, *, tta: str = "flip", batch: int = 
     dc = DataConfig(**drop_legacy_keys(member.config["data"]))  # the model takes the pictures as they come
     dc.path, dc.backend, dc.batch_size, dc.tiled_k, dc.num_threads = data, backend, batch, 0, threads
     loader, _ = build_loader(dc, 0, 1, split, device=device, augment=False)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
-        else (lambda: torch.autocast("cpu", enabled=False))
+    autocast = inference_autocast(device)
     pids, idxs, labels, losses, preds = [], [], [], [], []
     bar = Progress("clean", loader.num_samples, "images", enabled=progress)
     seen = 0

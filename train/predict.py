@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from dali_pipes.config import DataConfig, drop_legacy_keys, resolve_backend, tile_grid
+from dali_pipes.config import DataConfig, drop_legacy_keys, resolve_amp, resolve_backend, tile_grid
 from dali_pipes.dataset import check_class_map, open_dataset
 from dali_pipes.fileio import Progress, atomic_path, atomic_write_text, csv_text
 from dali_pipes.records import HASHES_FILE, PRODUCTS_FILE, QUARANTINE_FILE
@@ -195,6 +195,16 @@ def make_loader(member: Member, data: str, backend: str, batch: int, threads: in
     return build_loader(dc, 0, 1, "test", device=device)[0]
 
 
+def inference_autocast(device: torch.device):
+    """The autocast of predict and ``tools.clean``: bf16 on a GPU that computes it in hardware (the training
+    policy, ``resolve_amp``: compute capability 8.0 on; an older GPU falls back to float32 with a note),
+    float32 on the CPU (scoring there is for tests and small sets, where exact float32 values are worth more)."""
+    amp = resolve_amp("bf16", device) if device.type == "cuda" else "off"
+    if amp == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device.type, enabled=False)
+
+
 def width_dim(images: torch.Tensor) -> int:
     """The W axis of a batch, NCHW or NHWC (a picture is never 3 pixels wide)."""
     return 2 if images.shape[-1] == 3 else 3
@@ -222,9 +232,7 @@ class Scorer:
         self.members, self.flip, self.device, self.tiled_k = members, tta == "flip", device, tiled_k
         self.scale = 1.0 / (sum(m.weight for m in members) * (2 if self.flip else 1))
         self.one_pass = True
-        cuda = device.type == "cuda"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda \
-            else (lambda: torch.autocast("cpu", enabled=False))
+        self.autocast = inference_autocast(device)
 
     def _probs(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
