@@ -10,7 +10,7 @@
 - fp16 without grad_clip works on a torch without ``get_total_norm``; ``optim.*_lr_mult`` scale the updates.
 """
 import json
-import math
+import signal
 import os
 import subprocess
 import sys
@@ -259,3 +259,15 @@ def test_lr_multipliers_scale_each_groups_first_adam_update(tmp_path):
         assert moves.numel() > 0, name
         assert torch.allclose(moves, torch.full_like(moves, lr * mult), rtol=1e-3), (name, moves.min(), moves.max())
     tr.close()
+
+
+def test_a_worker_whose_launcher_died_during_its_start_up_kills_itself():
+    """train.launch exports its pid (torchrun keeps it): a worker whose parent is no longer that process
+    when it asks to die with it (torchrun gone while the worker imported torch) ends at once."""
+    code = "from train.distributed import die_with_launcher; die_with_launcher(); print('alive')"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TORCHELASTIC_RUN_ID="test")
+    for launcher, alive in ((os.getpid(), True), (os.getpid() + 10_000_000, False)):
+        env["TRAIN_LAUNCHER_PID"] = str(launcher)
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert (p.returncode, p.stdout.strip()) == ((0, "alive") if alive else (-signal.SIGKILL, "")), p.stderr

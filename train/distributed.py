@@ -104,7 +104,11 @@ def die_with_launcher() -> None:
     nothing else would end it, and it would go on training beside a rerun of the same command. Linux only."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    from .launch import LAUNCHER_PID_ENV
+
+    # the launcher's pid where train/run.sh started torchrun: a torchrun that died during this worker's
+    # start-up is then seen too; else the parent as it is now
+    parent = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
     pr_set_pdeathsig = 1
     if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
         return

@@ -30,6 +30,9 @@ from .config import ConfigError, add_run_args, resolve_run
 LOCK = ".lock"
 # Set for the trainer when its launcher holds RUN/.lock: the path of the lock held.
 LOCK_ENV = "TRAIN_RUN_LOCK"
+# The launcher's pid, which torchrun keeps (exec): a worker compares its parent with it once it has asked to
+# die with that parent, so a torchrun that died while the worker was still starting is seen too.
+LAUNCHER_PID_ENV = "TRAIN_LAUNCHER_PID"
 # Signals torchrun passes on to its workers (torch versions with --signals-to-handle): SIGUSR1 is how SLURM
 # warns of the end of a job (sbatch --signal), the trainer checkpoints on it as on SIGTERM.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -99,6 +102,7 @@ def main(argv=None) -> int:
     if fd is not None:
         os.set_inheritable(fd, True)
         os.environ[LOCK_ENV] = os.path.abspath(os.path.join(run_dir, LOCK))
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if _torchrun_has("--signals-to-handle"):
         cmd.append(f"--signals-to-handle={TORCHRUN_SIGNALS}")
