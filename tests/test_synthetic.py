@@ -268,3 +268,21 @@ def test_duplicates_copy_train_images_into_that_share_of_test_products(tmp_path)
         else:
             assert x == x0 and not any(img["picture"] in train_pics for img in x["imgs"])
     assert not os.path.exists(os.path.dirname(clean["test_bson"]) + "/test_duplicates.csv")
+
+
+def test_sorted_order_writes_the_same_documents_sorted_by_category(tmp_path):
+    """--order sorted: train.bson holds the documents of the shuffled file, byte for byte, sorted by the
+    category_id written (ties in generated order); test.bson and the side files do not change."""
+    shuffled = _small(tmp_path / "a", seed=2)
+    rc = make_synthetic.main(["--out", str(tmp_path / "b"), "--products", "120", "--test-products", "30",
+                              "--categories", "8", "--seed", "2", "--order", "sorted"])
+    assert rc == 0
+    a, b = _docs(shuffled["train_bson"]), _docs(tmp_path / "b" / "train.bson")
+    cats = [d["category_id"] for d in b]
+    assert cats == sorted(cats) and len(set(cats)) > 1
+    assert b == sorted(a, key=lambda d: d["category_id"])  # stable: the generated order within a category
+    assert [d["category_id"] for d in a] != cats  # the generated file is not sorted already
+    for name in ("test.bson", "category_names.csv", "test_answers.csv"):
+        assert open(tmp_path / "a" / name, "rb").read() == open(tmp_path / "b" / name, "rb").read(), name
+    with pytest.raises(ValueError, match="order"):
+        synthetic.make_dataset(str(tmp_path / "c"), products=4, test_products=0, categories=2, order="random")

@@ -1,7 +1,7 @@
 """Write a synthetic Cdiscount-format set: train.bson, test.bson, category_names.csv, test_answers.csv.
 
     python -m tools.make_synthetic --out DIR [--products N] [--test-products N] [--categories C] [--seed S]
-        [--label-noise P] [--duplicates F]
+        [--label-noise P] [--duplicates F] [--order shuffled|sorted]
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--duplicates", type=float, default=0.0, metavar="F",
                     help="give a share F of the test products the images of a train product of their category "
                          "(byte-identical copies), listed in test_duplicates.csv (default 0)")
+    ap.add_argument("--order", choices=["shuffled", "sorted"], default="shuffled",
+                    help="train.bson's document order: shuffled (as generated, default) or sorted by category_id, "
+                         "as a catalogue export often is (the same documents)")
     args = ap.parse_args(argv)
     if args.products < 0 or args.test_products < 0:
         ap.error("product counts must be >= 0")
@@ -44,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     kw = {} if args.quality is None else {"quality": args.quality}
     r = synthetic.make_dataset(args.out, products=args.products, test_products=args.test_products,
                                categories=args.categories, seed=args.seed, workers=args.workers,
-                               label_noise=args.label_noise, duplicates=args.duplicates, **kw)
+                               label_noise=args.label_noise, duplicates=args.duplicates, order=args.order, **kw)
     images = r["train_images"] + r["test_images"]
     print(f"wrote {os.path.abspath(args.out)}")
     for key in ("train_bson", "test_bson", "category_names", "test_answers", "label_noise", "duplicates"):

@@ -541,6 +541,9 @@ def _copy_images(docs: Iterable[dict], copy_from: Dict[int, int], store: Dict[in
         yield d
 
 
+ORDERS = ("shuffled", "sorted")  # of the train documents in train.bson
+
+
 def make_dataset(
     out: str,
     products: int = 2000,
@@ -551,6 +554,7 @@ def make_dataset(
     workers: int = 1,
     label_noise: float = 0.0,
     duplicates: float = 0.0,
+    order: str = "shuffled",
 ) -> Dict[str, object]:
     """Write a synthetic Cdiscount-format set into ``out``; returns paths and counts.
 
@@ -564,6 +568,11 @@ def make_dataset(
     ``duplicates`` F > 0: a share F of the test products carry the images (byte for byte) of a train product
     of their category, listed in ``test_duplicates.csv`` (``_id``, ``train_id``; key ``duplicates`` of the
     result, with ``duplicate_products``).
+
+    ``order`` "sorted": train.bson holds the same documents, byte for byte, sorted by the ``category_id``
+    written (ties in generated order), as a catalogue export sorted by category is: the worst case for a
+    loader that reads in file order. The train documents are then held in memory until written (about the
+    size of train.bson).
     """
     if products < 0 or test_products < 0:
         raise ValueError("product counts must be >= 0")
@@ -573,6 +582,8 @@ def make_dataset(
         raise ValueError(f"duplicates must be in [0, 1], not {duplicates}")
     if categories < 1:
         raise ValueError("categories must be >= 1")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     meta_rng, train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
@@ -605,9 +616,12 @@ def make_dataset(
     try:
         tr_stats = {"images": 0, "jpeg_bytes": 0}
         te_stats = {"images": 0, "jpeg_bytes": 0}
-        write_bson(paths["train_bson"], _keep_images(
+        train_docs = _keep_images(
             _product_docs(tr_ids, tr_lab, tr_n, cat_ids, train_rng, styles, True, quality, pool, tr_stats,
-                          tr_doc_lab), set(copy_from.values()), kept))
+                          tr_doc_lab), set(copy_from.values()), kept)
+        if order == "sorted":
+            train_docs = sorted(train_docs, key=lambda d: d["category_id"])
+        write_bson(paths["train_bson"], train_docs)
         write_bson(paths["test_bson"], _copy_images(
             _product_docs(te_ids, te_lab, te_n, cat_ids, test_rng, styles, False, quality, pool, te_stats),
             copy_from, kept, te_stats))
