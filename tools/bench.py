@@ -262,10 +262,11 @@ def bench_baseline(a) -> dict:
 
 
 # ---- loader ----------------------------------------------------------------------------------------
-def _sync_for(backend: str) -> Callable[[], None]:
+def _sync_for(device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before a clock is read: the GPU's synchronize, nothing on the CPU."""
     import torch
 
-    return torch.cuda.synchronize if backend == "dali-gpu" else (lambda: None)
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
 def bench_loader(a) -> dict:
@@ -279,7 +280,9 @@ def bench_loader(a) -> dict:
                      hw_decoder_load=a.hw_decoder_load, prefetch=a.prefetch)
     loader, _ = build_loader(cfg, 0, 1, "train")
     batches = _endless(loader)
-    rate, times = timed_loop(lambda: next(batches)[0].shape[0], warmup=a.warmup, seconds=a.seconds, sync=_sync_for(backend))
+    on = "cuda" if backend == "dali-gpu" else "cpu"  # no device given: the batches stay where DALI decoded them
+    rate, times = timed_loop(lambda: next(batches)[0].shape[0], warmup=a.warmup, seconds=a.seconds,
+                             sync=_sync_for(on))
     pct = percentiles_ms(times)
     return {"mode": "loader", "backend": backend, "images_per_s": rate, "batch_ms_p50": pct["p50"],
             "batch_ms_p99": pct["p99"], "crop": a.crop, "env": environment(a.batch, a.threads)}
@@ -304,7 +307,7 @@ def _train_rate(a, backend: str, data: Optional[str], num_classes: int) -> dict:
     cfg.validate()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir, Dist(device=dev))
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync = _sync_for(dev)
         trainer.run_steps(a.warmup, housekeeping=False)
         sync()
         t0 = time.perf_counter()
@@ -442,7 +445,7 @@ def bench_tune(a) -> dict:
     cfg.data.batch_size = batches[0]
     # One static graph per batch size (no dynamic-shape recompile that would time another kernel set).
     torch._dynamo.config.automatic_dynamic_shapes = False
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = _sync_for(dev)
 
     def release():
         gc.collect()
@@ -546,7 +549,7 @@ def bench_predict(a) -> dict:
     backend, device = resolve_placement(a.backend, a.device)
     members = load_ensemble(a.checkpoint, device)
     res = {"mode": "predict", "backend": backend, "device": device.type, "tta": a.tta, "models": len(members)}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _sync_for(device)
     work = None
     try:
         data = a.data

@@ -383,8 +383,7 @@ def predict(data: str, members: List[Member], out: str, *, probs_path: Optional[
     """Write the submission ``out``, its report, the top-k CSV and ``probs_path`` (an n x C float16 file, ~19 GB
     for the real test set: written to a temporary beside it, removed on any failure or interrupt).
     ``device``: the models' (default: the members' own)."""
-    with contextlib.ExitStack() as stack:
-        probs_tmp = stack.enter_context(atomic_path(probs_path)) if probs_path else None
+    with atomic_path(probs_path) if probs_path else contextlib.nullcontext() as probs_tmp:
         return _predict(data, members, out, probs_tmp=probs_tmp, **kw)
 
 
