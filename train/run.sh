@@ -113,7 +113,7 @@ launcher=$!
 stop() {
     local workers=() f stat
     for f in /proc/[0-9]*/stat; do  # torchrun's children (no ps in slim images)
-        read -r stat < "$f" 2>/dev/null || continue
+        { read -r stat < "$f"; } 2>/dev/null || continue  # a process that ended meanwhile
         stat=${stat##*) }
         set -- $stat
         [ "$2" = "$launcher" ] && workers+=("${f//[!0-9]/}")
