@@ -264,10 +264,11 @@ def test_lr_multipliers_scale_each_groups_first_adam_update(tmp_path):
 def test_a_worker_whose_launcher_died_during_its_start_up_kills_itself():
     """train.launch exports its pid (torchrun keeps it): a worker whose parent is no longer that process
     when it asks to die with it (torchrun gone while the worker imported torch) ends at once."""
-    code = "from train.distributed import die_with_launcher; die_with_launcher(); print('alive')"
+    code = ("import os; from train.distributed import die_with_launcher; die_with_launcher(); "
+            "print('alive', os.environ.get('TRAIN_LAUNCHER_PID'))")  # not passed on to what the worker starts
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, TORCHELASTIC_RUN_ID="test")
     for launcher, alive in ((os.getpid(), True), (os.getpid() + 10_000_000, False)):
         env["TRAIN_LAUNCHER_PID"] = str(launcher)
         p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert (p.returncode, p.stdout.strip()) == ((0, "alive") if alive else (-signal.SIGKILL, "")), p.stderr
+        assert (p.returncode, p.stdout.strip()) == ((0, "alive None") if alive else (-signal.SIGKILL, "")), p.stderr

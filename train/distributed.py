@@ -107,8 +107,9 @@ def die_with_launcher() -> None:
     from .launch import LAUNCHER_PID_ENV
 
     # the launcher's pid where train/run.sh started torchrun: a torchrun that died during this worker's
-    # start-up is then seen too; else the parent as it is now
-    parent = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
+    # start-up is then seen too; else the parent as it is now. Taken out of the environment: it names this
+    # worker's parent only, not that of anything the worker starts.
+    parent = int(os.environ.pop(LAUNCHER_PID_ENV, "") or os.getppid())
     pr_set_pdeathsig = 1
     if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
         return
