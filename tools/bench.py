@@ -6,6 +6,7 @@
     python -m tools.bench tune     --data DATA [--recipe resnet50] [--model M] [--batches 256 512] [--seconds 8]
     python -m tools.bench predict  --data DATA_TEST|--bson test.bson --checkpoint RUN/best.pt [--tta flip]
     python -m tools.bench repack   --bson train.bson --categories category_names.csv [--workers 1 2]
+    python -m tools.bench scale    --step repack --point 10000 "python -m tools.repack ..." --point 40000 ...
 
 Every figure is printed as a table and, with ``--json FILE``, written with the environment so runs on
 different machines can be compared. Timings are taken after a warm-up, between device synchronizations.
@@ -168,6 +169,147 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+# ---- scale: one command's cost at several catalogue sizes -----------------------------------------
+def _children(pid: int) -> List[int]:
+    out: List[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:  # gone meanwhile
+        pass
+    return out
+
+
+def _proc_sample(pid: int) -> Optional[tuple]:
+    """(peak RSS bytes so far, CPU seconds, command name) of a live process; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return hwm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), cmd
+
+
+# Runs the measured command as its child and writes the child's wait4 figures: a process started by fork
+# reports at least the RSS of the process that forked it, so the fork must come from this small one, not from
+# the bench (torch is imported there).
+_RUNNER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{ru.ru_maxrss} {ru.ru_utime + ru.ru_stime} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
+def measure_command(argv: List[str], interval: float = 0.1, log: Optional[str] = None) -> dict:
+    """Run ``argv``: wall seconds, CPU seconds of it and of every process it starts (user + system, from
+    ``wait4``), the peak RSS of the whole tree (exact) and of its own process and of each process it starts
+    (their ``VmHWM``, sampled every ``interval`` seconds)."""
+    import subprocess
+
+    with tempfile.NamedTemporaryFile("r", suffix=".rusage") as ru_file:
+        out = open(log, "w") if log else subprocess.DEVNULL
+        t0 = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-c", _RUNNER, ru_file.name, *argv], stdout=out,
+                             stderr=subprocess.STDOUT if log else None)
+        seen: Dict[int, tuple] = {}
+        root_pid = None
+        while p.poll() is None:
+            kids = _children(p.pid)
+            root_pid = kids[0] if kids else root_pid
+            todo = list(kids)
+            while todo:
+                q = todo.pop()
+                todo += _children(q)
+                s, was = _proc_sample(q), seen.get(q, (0, 0.0, ""))
+                if s is not None and s[2]:  # an exited process (a zombie) keeps its last live sample
+                    seen[q] = (max(s[0], was[0]), s[1], s[2])
+            time.sleep(interval)
+        wall = time.perf_counter() - t0
+        if log:
+            out.close()
+        fields = ru_file.read().split()
+    if p.returncode or len(fields) != 3 or int(fields[2]):
+        raise ValueError(f"{' '.join(argv)} failed (exit status {fields[2] if len(fields) == 3 else p.returncode})"
+                         + (f"; see {log}" if log else ""))
+    tree, cpu = int(fields[0]) / 1024, float(fields[1])
+    root = seen.pop(root_pid, (0, 0.0, ""))[0] / 2**20
+    procs = sorted(({"pid": q, "peak_rss_mb": v[0] / 2**20, "cpu_s": v[1], "cmd": v[2][:120]}
+                    for q, v in seen.items()), key=lambda d: -d["peak_rss_mb"])
+    child = max([d["peak_rss_mb"] for d in procs] or [0.0])
+    if tree > child:  # the tree's exact peak is then the root's own (unless a child grew in its last interval)
+        root = max(root, tree)
+    return {"wall_s": wall, "cpu_s": cpu, "root_peak_rss_mb": root, "tree_peak_rss_mb": tree,
+            "max_child_peak_rss_mb": child, "children": procs}
+
+
+def fit_power(n, y, exponents=np.arange(0.2, 3.0005, 0.001)) -> Dict[str, float]:
+    """Least-squares fit of ``y = a + b * n**e`` (b >= 0): for each exponent on the grid, a and b are linear."""
+    n, y = np.asarray(n, np.float64), np.asarray(y, np.float64)
+    best = None
+    for e in exponents:
+        x = n ** e
+        A = np.stack([np.ones_like(x), x], 1)
+        (a, b), *_ = np.linalg.lstsq(A, y, rcond=None)
+        if b < 0:  # a falling curve: the flat fit is the honest one
+            a, b = float(y.mean()), 0.0
+        sse = float(((a + b * x - y) ** 2).sum())
+        if best is None or sse < best[0] - 1e-12 * max(1.0, float((y ** 2).sum())):
+            best = (sse, float(a), float(b), float(e))
+    _, a, b, e = best
+    return {"a": a, "b": b, "e": e}
+
+
+def bench_scale(a) -> dict:
+    """Run one step's command at each size (``--point N COMMAND``); fit its CPU time, wall time and peak RSS
+    (its own process and its largest child) to ``a + b * n^e`` and project each to ``--project`` products."""
+    import shlex
+
+    points = sorted((int(n), cmd) for n, cmd in a.point)
+    if len(points) < 3:
+        raise ValueError("bench scale needs --point at three sizes or more (three parameters are fitted)")
+    runs = []
+    for i, (n, cmd) in enumerate(points):
+        log = os.path.join(a.log_dir, f"{a.step}-{n}.log") if a.log_dir else None
+        r = measure_command(shlex.split(cmd), log=log)
+        r["products"], r["command"] = n, cmd
+        print(f"  {a.step} n={n:,}: wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s, peak RSS "
+              f"{r['root_peak_rss_mb']:.0f} MB (largest child {r['max_child_peak_rss_mb']:.0f} MB)", flush=True)
+        runs.append(r)
+    ns = [r["products"] for r in runs]
+    big = a.project
+    res = {"mode": "scale", "step": a.step, "project_to": big, "runs": {str(r["products"]): {
+        k: r[k] for k in ("wall_s", "cpu_s", "root_peak_rss_mb", "max_child_peak_rss_mb")} for r in runs}}
+    for key, unit in (("cpu_s", "s"), ("wall_s", "s"), ("root_peak_rss_mb", "mb"),
+                      ("max_child_peak_rss_mb", "mb")):
+        ys = [r[key] for r in runs]
+        if not any(ys):
+            continue
+        f = fit_power(ns, ys)
+        at = f["a"] + f["b"] * big ** f["e"]
+        per = "us" if unit == "s" else "bytes"
+        scale = 1e6 if unit == "s" else 2**20
+        res[key] = {"fit_a": f["a"], "fit_b": f["b"], "exponent": f["e"],
+                    f"{per}_per_product_largest": ys[-1] * scale / ns[-1],
+                    f"{per}_per_product_above_fixed": (at - f["a"]) * scale / big,
+                    f"projected_{unit}": at}
+    if a.json and a.log_dir:  # every process of every run, for the record
+        res["processes"] = {str(r["products"]): r["children"] for r in runs}
+    res["env"] = environment()
+    return res
+
+
 # ---- baseline: PIL and torchvision.io in DataLoader workers, and bare decode ----------------------------
 class _PilDataset:
     """The usual alternative: decode with PIL (EXIF orientation applied, as DALI does), random crop and flip
@@ -278,14 +420,24 @@ def bench_loader(a) -> dict:
     backend = resolve_backend(a.backend)
     cfg = DataConfig(path=a.data, backend=backend, batch_size=a.batch, num_threads=a.threads, crop=a.crop,
                      hw_decoder_load=a.hw_decoder_load, prefetch=a.prefetch)
-    loader, _ = build_loader(cfg, 0, 1, "train")
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    loader, steps = build_loader(cfg, 0, 1, "train")
     batches = _endless(loader)
     on = "cuda" if backend == "dali-gpu" else "cpu"  # no device given: the batches stay where DALI decoded them
-    rate, times = timed_loop(lambda: next(batches)[0].shape[0], warmup=a.warmup, seconds=a.seconds,
-                             sync=_sync_for(on))
+    # --epoch: exactly one epoch from the loader's start, start-up included (what a training epoch costs)
+    rate, times = timed_loop(lambda: next(batches)[0].shape[0], warmup=0 if a.epoch else a.warmup,
+                             seconds=a.seconds, max_steps=steps if a.epoch else None, sync=_sync_for(on))
     pct = percentiles_ms(times)
-    return {"mode": "loader", "backend": backend, "images_per_s": rate, "batch_ms_p50": pct["p50"],
-            "batch_ms_p99": pct["p99"], "crop": a.crop, "env": environment(a.batch, a.threads)}
+    res = {"mode": "loader", "backend": backend, "images_per_s": rate, "batch_ms_p50": pct["p50"],
+           "batch_ms_p99": pct["p99"], "crop": a.crop}
+    if a.epoch:
+        import resource
+
+        res["epoch"] = {"batches": len(times), "images": len(times) * a.batch, "wall_s": time.perf_counter() - t0,
+                        "cpu_s": _cpu_seconds() - c0,
+                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    res["env"] = environment(a.batch, a.threads)
+    return res
 
 
 # ---- train: the trainer's own step, timed ----------------------------------------------------------
@@ -621,6 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hw-decoder-load", type=float, default=0.65)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--warmup", type=int, default=5, help="batches before timing")
+    p.add_argument("--epoch", action="store_true", help="time one whole epoch from the start (no warm-up, "
+                                                        "--seconds ignored), with its CPU time and peak RSS")
     p = sub.add_parser("train", help="images/s of full training steps, real data and/or synthetic")
     _common(p, data_required=False)
     p.add_argument("--model", default="resnet50")
@@ -668,12 +822,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JPEG check(s) to time, each with every --workers count (default: repack's)")
     p.add_argument("--tmp", default=None, help="where the repacked copies go (deleted afterwards)")
     p.add_argument("--json")
+    p = sub.add_parser("scale", help="one step's wall/CPU time and peak RSS (process and children) at several "
+                                     "sizes, fitted to a + b*n^e and projected")
+    p.add_argument("--step", required=True, help="a name for the step (labels the output and the logs)")
+    p.add_argument("--point", nargs=2, action="append", required=True, metavar=("PRODUCTS", "COMMAND"),
+                   help="a size and the command line that processes it (quoted); three or more")
+    p.add_argument("--project", type=int, default=7_069_896, help="products to project to (train.bson's)")
+    p.add_argument("--log-dir", help="keep each command's output here (STEP-N.log); else it is discarded")
+    p.add_argument("--json")
     return ap
 
 
 MODES = {"baseline": bench_baseline, "repack": bench_repack, "loader": bench_loader, "train": bench_train,
          "tune": bench_tune,
-         "predict": bench_predict}
+         "predict": bench_predict, "scale": bench_scale}
 
 
 @interruptible("bench")

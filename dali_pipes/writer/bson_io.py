@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
@@ -76,7 +77,9 @@ def scan_offsets(path: str) -> OffsetIndex:
     if size == 0:
         raise BsonFileError(f"{path} is empty (0 bytes): the download or copy did not complete; "
                             "fetch the file again")
-    offsets, lengths, ids = [], [], []
+    # Typed arrays, 8 bytes an entry: a list of Python ints costs ~36 bytes an entry (760 MB for the real
+    # train.bson's 7.07M documents x 3) and then a copy to numpy on top.
+    offsets, lengths, ids = array("q"), array("q"), array("q")
     stop_offset, stop_reason = None, ""
     with open(path, "rb", buffering=0) as f:
         pos = 0
@@ -115,8 +118,14 @@ def scan_offsets(path: str) -> OffsetIndex:
     if not offsets and stop_offset == 0:
         raise BsonFileError(f"{path} does not look like a BSON dump: {stop_reason} at offset 0; "
                             "expected MongoDB BSON documents such as the competition's train.bson/test.bson")
-    return OffsetIndex(path, np.asarray(offsets, np.int64), np.asarray(lengths, np.int64),
-                       np.asarray(ids, np.int64), size, stop_offset, stop_reason)
+    return OffsetIndex(path, _to_numpy(offsets), _to_numpy(lengths), _to_numpy(ids), size, stop_offset, stop_reason)
+
+
+def _to_numpy(a: array) -> np.ndarray:
+    """The entries of ``a`` as an int64 array (one copy, then ``a`` is emptied: never two copies of three)."""
+    out = np.frombuffer(a, np.int64).copy() if len(a) else np.zeros(0, np.int64)
+    del a[:]
+    return out
 
 
 def read_document(path: str, offset: int, length: Optional[int] = None) -> dict:

@@ -7,6 +7,7 @@ shards or in ``quarantine.csv``; the manifest, written last and atomically, hold
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import functools
 import hashlib
@@ -507,6 +508,31 @@ def _rmdir_if_empty(path: str) -> None:
         pass
 
 
+class _QuarantineFile:
+    """``quarantine.csv``, written as the chunks finish, so its rows are never all held in memory (on a
+    catalogue where much is bad they could be millions). An atomic write: the file appears, whole, at
+    ``commit``; until then its rows go to the temporary beside it (which ``_remove_own_files`` removes)."""
+
+    def __init__(self, out: str):
+        self._stack = contextlib.ExitStack()
+        self._f = self._stack.enter_context(atomic_open(os.path.join(out, QUARANTINE_FILE), "w", newline="",
+                                                        encoding="utf-8"))
+        self._csv = csv.writer(self._f, lineterminator="\n")  # as csv_text writes
+        self._csv.writerow(QUARANTINE_FIELDS)
+        self.rows = 0
+
+    def write(self, rows: List[list]) -> None:
+        self._csv.writerows(rows)
+        self._f.flush()
+        self.rows += len(rows)
+
+    def commit(self) -> None:
+        self._stack.close()
+
+    def abort(self) -> None:
+        self._stack.__exit__(RuntimeError, RuntimeError("repack failed"), None)  # the temporary is removed
+
+
 def _show(bar: Progress, counters, force: bool = False) -> None:
     mb_s = counters[1] / max(time.time() - bar.t0, 1e-9) / 1e6
     bar.update(counters[0], extra=f"{mb_s:,.1f} MB/s", force=force)
@@ -544,6 +570,7 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
     except BsonFileError as e:
         raise RepackError(str(e)) from None
     _prepare_out(out, overwrite, bson_path)
+    quarantine = None
     try:
 
         st = Settings(bson_path, out, not unlabelled, class_index, val_fraction, verify, max_doc_bytes,
@@ -558,10 +585,16 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
         counters = ctx.Array("q", 2)
         bar = Progress("repack", len(index), "products", enabled=progress)
         results: List[ChunkResult] = []
+        quarantine = _QuarantineFile(out)
+
+        def finished(r: ChunkResult) -> None:  # a chunk's quarantine rows go to the file, not into results
+            quarantine.write(r.quarantine)
+            r.quarantine = []
+            results.append(r)
         if workers == 1:
             _init_worker(counters, excluded)
             for t in tasks:
-                results.append(_process_chunk(t))
+                finished(_process_chunk(t))
                 _show(bar, counters)
         else:
             with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(counters, excluded)) as pool:
@@ -569,7 +602,7 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
                 for _ in tasks:
                     while True:
                         try:
-                            results.append(pending.next(timeout=0.5))
+                            finished(pending.next(timeout=0.5))
                             break
                         except mp.TimeoutError:
                             _show(bar, counters)
@@ -580,18 +613,16 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
 
         counts: Counter = Counter()
         shards: Dict[str, List[dict]] = {}
-        qrows: List[list] = []
         sizes: Dict[str, Counter] = {}
         for r in results:
             counts.update(r.counts)
             for split, c in r.sizes.items():
                 sizes.setdefault(split, Counter()).update(c)
-            qrows.extend(r.quarantine)
             for group, infos in r.shards.items():
                 shards.setdefault(group, []).extend(infos)
         if not index.complete:
-            qrows.append(["", index.stop_offset, "", f"unreadable from here to the end of the file "
-                          f"({index.file_size - index.stop_offset} bytes): {index.stop_reason}"])
+            quarantine.write([["", index.stop_offset, "", f"unreadable from here to the end of the file "
+                               f"({index.file_size - index.stop_offset} bytes): {index.stop_reason}"]])
         for key in ("products_read", "products_written", "products_quarantined", "images_read",
                     "images_written", "images_quarantined"):
             counts.setdefault(key, 0)
@@ -600,7 +631,7 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
             raise AssertionError(f"repack lost track of products or images: {dict(counts)}")  # a bug, not input
 
         # Side files first, the manifest last: a DATA directory with a manifest is complete.
-        atomic_write_text(os.path.join(out, QUARANTINE_FILE), csv_text(QUARANTINE_FIELDS, qrows))
+        quarantine.commit()
         if cats:
             atomic_write_text(os.path.join(out, CLASSES_FILE), csv_text(
                 ["index", "category_id", "category_level1", "category_level2", "category_level3"],
@@ -627,7 +658,7 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
                                     for s in split_names} for k in range(1, MAX_K + 1)},
             "counts": {k: counts[k] for k in ("products_read", "products_written", "products_quarantined",
                                               "images_read", "images_written", "images_quarantined")},
-            "quarantine": {"rows": len(qrows), "products": counts["products_quarantined"],
+            "quarantine": {"rows": quarantine.rows, "products": counts["products_quarantined"],
                            "images": counts["images_quarantined"], "file": QUARANTINE_FILE},
             "exclude": None if not exclude else {
                 "file": os.path.basename(exclude), "listed": n_listed, "images_excluded": counts["images_excluded"],
@@ -646,6 +677,8 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
         }
         atomic_write_text(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     except BaseException:  # a failure or an interrupt (Ctrl-C, SIGTERM via fileio.interruptible)
+        if quarantine is not None:
+            quarantine.abort()
         _remove_own_files(out, temporaries_only=True)  # the workers are gone: the pool was terminated
         raise
     os.remove(os.path.join(out, REPACK_MARKER))
