@@ -97,6 +97,28 @@ def csv_text(header: List[str], rows) -> str:
     return buf.getvalue()
 
 
+class CsvRows:
+    """Rows appended to an open CSV file as ``csv_text`` formats them, each ``write`` flushed to the file."""
+
+    def __init__(self, f, header: List[str]):
+        self._f, self._w, self.rows = f, csv.writer(f, lineterminator="\n"), 0
+        self._w.writerow(header)
+
+    def write(self, rows) -> None:
+        rows = list(rows)
+        self._w.writerows(rows)
+        self._f.flush()
+        self.rows += len(rows)
+
+
+@contextlib.contextmanager
+def atomic_csv(path: str, header: List[str]) -> Iterator[CsvRows]:
+    """``csv_text``'s file written a block of rows at a time (``CsvRows.write``), so that millions of rows are
+    never all in memory; it replaces ``path`` when the block ends without error, as ``atomic_open``."""
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        yield CsvRows(f, header)
+
+
 # ---- interruption ---------------------------------------------------------------------------------
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C (SIGINT) so that ``finally`` blocks and atomic writes remove their

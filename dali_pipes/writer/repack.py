@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import bson
 import numpy as np
 
-from ..fileio import Progress, atomic_open, atomic_write_text, csv_text, temp_target
+from ..fileio import Progress, atomic_csv, atomic_open, atomic_write_text, csv_text, temp_target
 from ..records import (CLASSES_FILE, FORMAT_VERSION, HASHES_FILE, IMAGE_FEATURES, MANIFEST, MAX_K, PRODUCTS_FILE,
                        QUARANTINE_FILE, REPACK_MARKER, SPLIT_DIRS, product_features)
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
@@ -515,16 +515,14 @@ class _QuarantineFile:
 
     def __init__(self, out: str):
         self._stack = contextlib.ExitStack()
-        self._f = self._stack.enter_context(atomic_open(os.path.join(out, QUARANTINE_FILE), "w", newline="",
-                                                        encoding="utf-8"))
-        self._csv = csv.writer(self._f, lineterminator="\n")  # as csv_text writes
-        self._csv.writerow(QUARANTINE_FIELDS)
-        self.rows = 0
+        self._csv = self._stack.enter_context(atomic_csv(os.path.join(out, QUARANTINE_FILE), QUARANTINE_FIELDS))
+
+    @property
+    def rows(self) -> int:
+        return self._csv.rows
 
     def write(self, rows: List[list]) -> None:
-        self._csv.writerows(rows)
-        self._f.flush()
-        self.rows += len(rows)
+        self._csv.write(rows)
 
     def commit(self) -> None:
         self._stack.close()
