@@ -114,7 +114,9 @@ def test_measure_command_separates_the_process_from_its_children():
     # is the kernel's exact figure, as it is the tree's largest), and a failing command is an error.
     r = bench.measure_command([sys.executable, "-c", ALLOC, "160", "60"], interval=0.05)
     assert 160 + 10 < r["root_peak_rss_mb"] < 160 + 60, r
+    assert 150 < r["root_peak_anon_mb"] <= r["root_peak_rss_mb"], r  # an array is anonymous memory
     assert 60 < r["max_child_peak_rss_mb"] < 160, r
+    assert 50 < r["max_child_peak_private_mb"] <= r["max_child_peak_rss_mb"], r  # its own array, not shared
     assert len(r["children"]) == 1 and r["cpu_s"] > 0 and r["wall_s"] >= 0.6
     with pytest.raises(ValueError, match="exit status 3"):
         bench.measure_command([sys.executable, "-c", "raise SystemExit(3)"])

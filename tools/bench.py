@@ -182,10 +182,17 @@ def _children(pid: int) -> List[int]:
 
 
 def _proc_sample(pid: int) -> Optional[tuple]:
-    """(peak RSS bytes so far, CPU seconds, command name) of a live process; None once it is gone."""
+    """(peak RSS bytes so far, CPU seconds, command name, private bytes now, anonymous bytes now) of a live
+    process; None once it is gone. Private: the pages no other process maps (what a forked worker adds; its
+    RSS also counts the pages it shares with its parent). Anonymous: RSS less the pages of mapped files
+    (DALI maps the shards it reads: those pages are reclaimable page cache, counted in RSS)."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+            status = {k: v for k, _, v in (line.partition(":") for line in f)}
+        hwm = int(status.get("VmHWM", "0 kB").split()[0]) * 1024
+        anon = int(status.get("RssAnon", "0 kB").split()[0]) * 1024
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            private = sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Private_"))
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -193,7 +200,7 @@ def _proc_sample(pid: int) -> Optional[tuple]:
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-    return hwm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), cmd
+    return hwm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), cmd, private, anon
 
 
 # Runs the measured command as its child and writes the child's wait4 figures: a process started by fork
@@ -232,9 +239,9 @@ def measure_command(argv: List[str], interval: float = 0.1, log: Optional[str] =
             while todo:
                 q = todo.pop()
                 todo += _children(q)
-                s, was = _proc_sample(q), seen.get(q, (0, 0.0, ""))
+                s, was = _proc_sample(q), seen.get(q, (0, 0.0, "", 0, 0))
                 if s is not None and s[2]:  # an exited process (a zombie) keeps its last live sample
-                    seen[q] = (max(s[0], was[0]), s[1], s[2])
+                    seen[q] = (max(s[0], was[0]), s[1], s[2], max(s[3], was[3]), max(s[4], was[4]))
             time.sleep(interval)
         wall = time.perf_counter() - t0
         if log:
@@ -244,14 +251,17 @@ def measure_command(argv: List[str], interval: float = 0.1, log: Optional[str] =
         raise ValueError(f"{' '.join(argv)} failed (exit status {fields[2] if len(fields) == 3 else p.returncode})"
                          + (f"; see {log}" if log else ""))
     tree, cpu = int(fields[0]) / 1024, float(fields[1])
-    root = seen.pop(root_pid, (0, 0.0, ""))[0] / 2**20
-    procs = sorted(({"pid": q, "peak_rss_mb": v[0] / 2**20, "cpu_s": v[1], "cmd": v[2][:120]}
-                    for q, v in seen.items()), key=lambda d: -d["peak_rss_mb"])
+    root_sample = seen.pop(root_pid, (0, 0.0, "", 0, 0))
+    root = root_sample[0] / 2**20
+    procs = sorted(({"pid": q, "peak_rss_mb": v[0] / 2**20, "peak_private_mb": v[3] / 2**20, "cpu_s": v[1],
+                     "cmd": v[2][:120]} for q, v in seen.items()), key=lambda d: -d["peak_rss_mb"])
     child = max([d["peak_rss_mb"] for d in procs] or [0.0])
     if tree > child:  # the tree's exact peak is then the root's own (unless a child grew in its last interval)
         root = max(root, tree)
-    return {"wall_s": wall, "cpu_s": cpu, "root_peak_rss_mb": root, "tree_peak_rss_mb": tree,
-            "max_child_peak_rss_mb": child, "children": procs}
+    return {"wall_s": wall, "cpu_s": cpu, "root_peak_rss_mb": root, "root_peak_anon_mb": root_sample[4] / 2**20,
+            "tree_peak_rss_mb": tree,
+            "max_child_peak_rss_mb": child,
+            "max_child_peak_private_mb": max([d["peak_private_mb"] for d in procs] or [0.0]), "children": procs}
 
 
 def fit_power(n, y, exponents=np.arange(0.2, 3.0005, 0.001)) -> Dict[str, float]:
@@ -289,10 +299,12 @@ def bench_scale(a) -> dict:
         runs.append(r)
     ns = [r["products"] for r in runs]
     big = a.project
-    res = {"mode": "scale", "step": a.step, "project_to": big, "runs": {str(r["products"]): {
-        k: r[k] for k in ("wall_s", "cpu_s", "root_peak_rss_mb", "max_child_peak_rss_mb")} for r in runs}}
-    for key, unit in (("cpu_s", "s"), ("wall_s", "s"), ("root_peak_rss_mb", "mb"),
-                      ("max_child_peak_rss_mb", "mb")):
+    keys = ("cpu_s", "wall_s", "root_peak_rss_mb", "root_peak_anon_mb", "max_child_peak_rss_mb",
+            "max_child_peak_private_mb")
+    res = {"mode": "scale", "step": a.step, "project_to": big,
+           "runs": {str(r["products"]): {k: r[k] for k in keys} for r in runs}}
+    for key in keys:
+        unit = "s" if key.endswith("_s") else "mb"
         ys = [r[key] for r in runs]
         if not any(ys):
             continue

@@ -448,6 +448,31 @@ def _duplicates(index: OffsetIndex, st: Settings) -> np.ndarray:
 
 
 # ---- the driver ----------------------------------------------------------------------------------
+_SAVE_BLOCK = 1 << 20  # hash rows gathered and written at a time
+
+
+def _save_hashes(path: str, results: List[ChunkResult], category_ids: Optional[List[int]]) -> None:
+    """``HASHES_FILE``: every chunk's hash rows, category ids instead of class indices (``category_ids``; None:
+    unlabelled), sorted by (hash, product id, category id). The one sort of every image the repack does, in
+    the driver: 24 bytes an image for the rows (each chunk's copy released as it is gathered), 8 for the sort
+    order, then written in blocks (no sorted second copy): about 400 MB for the real train.bson's 12.4M images."""
+    n = sum(len(r.hashes) for r in results)
+    rows = np.zeros(n, HASH_DTYPE)
+    at = 0
+    for r in results:
+        rows[at:at + len(r.hashes)] = r.hashes
+        at += len(r.hashes)
+        r.hashes = None
+    if category_ids is not None:  # class index -> category id
+        rows["category_id"] = np.asarray(category_ids, np.int64)[rows["category_id"]]
+    order = np.lexsort((rows["category_id"], rows["product_id"], rows["hash"]))
+    with atomic_open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(HASH_DTYPE),
+                                                 "fortran_order": False, "shape": (n,)})
+        for i in range(0, n, _SAVE_BLOCK):
+            f.write(rows[order[i:i + _SAVE_BLOCK]].tobytes())
+
+
 def _is_repack(out: str) -> bool:
     """Whether ``out`` holds a finished repack: a manifest of this format."""
     try:
@@ -638,12 +663,7 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
             order = sorted((o for r in results for o in r.order), key=lambda t: t[1])
             atomic_write_text(os.path.join(out, PRODUCTS_FILE),
                               csv_text(["product_id", "offset", "num_images"], order))
-        hashes = np.concatenate([r.hashes for r in results] or [np.zeros(0, HASH_DTYPE)])
-        if not unlabelled:  # class index -> category id
-            hashes["category_id"] = np.asarray([c[0] for c in cats], np.int64)[hashes["category_id"]]
-        hashes = hashes[np.lexsort((hashes["category_id"], hashes["product_id"], hashes["hash"]))]
-        with atomic_open(os.path.join(out, HASHES_FILE), "wb") as f:
-            np.save(f, hashes, allow_pickle=False)
+        _save_hashes(os.path.join(out, HASHES_FILE), results, None if unlabelled else [c[0] for c in cats])
         split_names = ["train", "val"] if not unlabelled else ["test"]
         manifest = {
             "format_version": FORMAT_VERSION,
