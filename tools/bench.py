@@ -306,7 +306,7 @@ def bench_scale(a) -> dict:
     for key in keys:
         unit = "s" if key.endswith("_s") else "mb"
         ys = [r[key] for r in runs]
-        if not any(ys):
+        if not all(ys):  # absent at some size (no child process there): nothing to fit
             continue
         f = fit_power(ns, ys)
         at = f["a"] + f["b"] * big ** f["e"]
