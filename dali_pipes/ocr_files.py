@@ -23,9 +23,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from .dataset import Dataset, DatasetError
-from .records import MANIFEST
+from .records import MANIFEST, OCR_DIR
 
-OCR_DIR = "ocr"  # under DATA
 OCR_FORMAT_VERSION = 1
 UNIT_RECORDS = 4096  # records per unit: the work lost to a kill is at most one unit per worker
 UNIT_FILE = re.compile(r"(train|val|test)-\d{5}-\d{8}\.npz")  # what tools.ocr names a unit
@@ -34,6 +33,11 @@ IMAGE_SPLITS = ("train", "val", "test")
 # crc32-hashed (stable across processes and machines, unlike Python's hash()).
 HASHING = {"scheme": "crc32", "buckets": 1 << 18, "ngrams": [3], "min_score": 0.5,
            "normalize": "lower, accents removed (NFKD), letters and digits only"}
+
+
+def is_ocr_file(name: str) -> bool:
+    """A file name tools.ocr writes under DATA/ocr (a unit or the manifest)."""
+    return name == MANIFEST or UNIT_FILE.fullmatch(name) is not None
 
 
 class OcrError(DatasetError):

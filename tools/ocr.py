@@ -80,6 +80,7 @@ class Reader:
         self.det, self.rec = TextDetector(cfg["Det"]), TextRecognizer(cfg["Rec"])
         self.cls = TextClassifier(cfg["Cls"]) if angle_cls else None
         self.models = {p: os.path.basename(cfg[p]["model_path"]) for p in ("Det", "Rec")}
+        self.key = (det_size, device, angle_cls)
 
     def read(self, images: Sequence[Optional[np.ndarray]]) -> List[Tuple[List[str], List[float]]]:
         """``(words, confidences)`` per picture (BGR uint8): detection per picture, then every text box of the
@@ -146,9 +147,11 @@ _TICK = None  # called with the pictures of each batch done (the progress line)
 
 
 def _reader(settings: dict) -> Reader:
+    """This process's reader for ``settings`` (made once)."""
     global _READER
-    if _READER is None:
-        _READER = Reader(settings["det_size"], settings["device"], settings["angle_cls"])
+    key = (settings["det_size"], settings["device"], settings["angle_cls"])
+    if _READER is None or _READER.key != key:
+        _READER = Reader(*key)
     return _READER
 
 

@@ -19,6 +19,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dali_pipes.ocr_files import normalize_word
+
 SIZE = 180
 TEXT_LEVEL1, TEXT_LEVEL2 = "LIBRAIRIE", "LITTERATURE"  # the family of the text categories
 WORDS_PER_CATEGORY = 8
@@ -46,15 +48,9 @@ WORDS = (
 MAX_TEXT_CATEGORIES = len(WORDS) * 5 // (2 * WORDS_PER_CATEGORY)  # each word in 2-3 categories
 
 
-def fold(text: str) -> str:
-    """``text`` lower-cased without its accents (é -> e, œ -> oe): what a recognizer without accented letters
-    can at best read."""
-    text = text.lower().replace("œ", "oe").replace("æ", "ae")
-    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
-
-
 def has_accent(word: str) -> bool:
-    return fold(word) != word.lower()
+    """A word with a letter outside a-z (é, œ, ...): PP-OCRv4's alphabet has none of them."""
+    return normalize_word(word) != word.lower()
 
 
 @functools.lru_cache(maxsize=None)
