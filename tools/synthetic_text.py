@@ -45,7 +45,7 @@ WORDS = (
     "hier", "vie", "mort", "retour", "fin", "mystère", "poison", "miroir", "jeu", "masque", "porte",
     "train", "route", "port", "phare", "marin", "soldat", "docteur", "juge", "ange", "diable", "dragon",
 )
-MAX_TEXT_CATEGORIES = len(WORDS) * 5 // (2 * WORDS_PER_CATEGORY)  # each word in 2-3 categories
+MAX_TEXT_CATEGORIES = 40  # each word in 2-3 categories: 40 categories of 8 words use about 130 words
 
 
 def has_accent(word: str) -> bool:
@@ -56,19 +56,20 @@ def has_accent(word: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def vocabularies(n: int) -> Tuple[Tuple[str, ...], ...]:
     """The words of each of ``n`` text categories: about ``WORDS_PER_CATEGORY`` each, every word in two or
-    three categories (one with ``n == 1``), the overlaps spread so that few word pairs belong to two
-    categories."""
+    three categories (never in all of them: in one with ``n <= 2``, two with ``n == 3``), the overlaps
+    spread so that few word pairs belong to two categories."""
     if not 1 <= n <= MAX_TEXT_CATEGORIES:
         raise ValueError(f"text categories must be 1..{MAX_TEXT_CATEGORIES}, not {n}")
     rng = np.random.default_rng(_VOCAB_SEED)
-    need = -(-n * WORDS_PER_CATEGORY * 2 // 5)  # words at 2.5 categories each on average
-    words = [WORDS[i] for i in rng.permutation(len(WORDS))[:need]]
+    words = [WORDS[i] for i in rng.permutation(len(WORDS))]
     sizes = np.zeros(n, np.int64)
     shared = np.zeros((n, n), np.int64)  # words two categories have in common
     tie = rng.random(n)
     vocab: List[List[str]] = [[] for _ in range(n)]
     for w in words:
-        k = min(n, int(rng.integers(2, 4)))
+        if sizes.min() >= WORDS_PER_CATEGORY:
+            break
+        k = min(n - 1 or 1, int(rng.integers(2, 4)))  # fewer than all: a word in every category tells none
         chosen: List[int] = []
         for _ in range(k):
             cost = sizes * 1000.0 + shared[:, chosen].sum(1) * 10.0 + tie
@@ -79,6 +80,8 @@ def vocabularies(n: int) -> Tuple[Tuple[str, ...], ...]:
             vocab[c].append(w)
             sizes[c] += 1
             shared[c, chosen] += 1
+    if sizes.min() < WORDS_PER_CATEGORY:  # a bug: MAX_TEXT_CATEGORIES is too large for WORDS
+        raise AssertionError(f"{len(WORDS)} words are too few for {n} text categories")
     return tuple(tuple(v) for v in vocab)
 
 
@@ -169,7 +172,7 @@ def render_cover(p: Sequence[float], title: str, layout: Sequence[float]) -> Ima
     px, fx, fy = int(layout[0]), layout[1], layout[2]
     im = Image.new("RGB", (SIZE, SIZE), (int(bg),) * 3)
     d = ImageDraw.Draw(im)
-    w, h = min(2.5 * scale, 172.0), min(2.75 * scale, 174.0)
+    w, h = min(2.7 * scale, 172.0), min(3.0 * scale, 174.0)
     x0, y0 = int(np.clip(cx - w / 2, 2, SIZE - 2 - w)), int(np.clip(cy - h / 2, 2, SIZE - 2 - h))
     x1, y1 = x0 + int(w), y0 + int(h)
     main = np.clip([r, g, b], 0, 255)
