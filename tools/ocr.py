@@ -41,9 +41,27 @@ class OcrUnavailable(RuntimeError):
 
 
 def require_engine():
-    """Import the OCR engine, or say what to install."""
+    """Import the OCR engine, or say what to install (or what to remove)."""
+    from importlib import metadata
+
+    def installed(dist: str) -> bool:
+        try:
+            metadata.version(dist)
+            return True
+        except metadata.PackageNotFoundError:
+            return False
+
+    if installed("onnxruntime") and installed("onnxruntime-gpu"):  # one shadows the other's files
+        raise OcrUnavailable("onnxruntime and onnxruntime-gpu are both installed; keep one: pip uninstall -y "
+                             "onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (or onnxruntime on a CPU)")
     try:
         import cv2  # noqa: F401
+    except ImportError as e:
+        if e.name != "cv2":  # cv2 is there but does not load: the GUI build without libGL
+            raise OcrUnavailable(f"OpenCV does not load ({e}): pip uninstall -y opencv-python && pip install "
+                                 "opencv-python-headless") from None
+        raise OcrUnavailable(f"the OCR step needs the `ocr` extra (cv2 is missing): {INSTALL}") from None
+    try:
         import onnxruntime  # noqa: F401
         import rapidocr_onnxruntime
     except ImportError as e:
