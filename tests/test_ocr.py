@@ -201,3 +201,24 @@ def test_without_the_extra_the_ocr_says_what_to_install(tmp_path, monkeypatch, c
     # the rest does not need it: the generated text covers, the model input of the OCR files
     synthetic.make_dataset(str(tmp_path / "raw"), products=6, test_products=0, categories=2, text_categories=1)
     assert os.path.isfile(tmp_path / "raw" / synthetic_text.TITLES_FILE) and text_ids(["mot"], [1.0])
+
+
+@engine
+def test_cli_projects_the_time_and_workers_write_the_same_files(ocr_data, text_raw, tmp_path, small_units, capsys):
+    data = tmp_path / "DATA"
+    shutil.copytree(ocr_data, data)
+    ref = _read(ocr_data)
+    assert ocr.main(["--data", str(data), "--workers", "2", "--overwrite"]) == 0
+    cap = capsys.readouterr()
+    assert "projected" in cap.err and "ms a picture" in cap.err and "with 2 worker(s)" in cap.err
+    n = sum(open_dataset(str(data)).num_records(s) for s in ("train", "val"))
+    assert f"ocr: {n} pictures of" in cap.out.replace(",", "")
+    got = _read(data)
+    for k in ("product_id", "image_index", "id_offsets", "ids"):
+        assert np.array_equal(got[k], ref[k]), k
+    (pid, j), title = next(iter(_titles(text_raw).items()))
+    if pid in set(ref["product_id"].tolist()):
+        assert ocr.main(["--data", str(data), "--show", str(pid)]) == 0
+        line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"{pid} image {j}:")]
+        assert len(line) == 1 and normalize_word(title.split()[0])[:3] in line[0].lower()
+    assert ocr.main(["--data", str(data), "--show", "999999"]) == 1

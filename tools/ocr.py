@@ -276,9 +276,10 @@ def _project(jobs: List[tuple], settings: dict, workers: int) -> Tuple[float, fl
 
 def run_ocr(data: str, workers: int = 1, device: str = "cpu", det_size: int = DEFAULT_DET_SIZE,
             batch: int = DEFAULT_BATCH, angle_cls: bool = False, overwrite: bool = False,
-            progress: bool = True, log=sys.stderr) -> dict:
-    """OCR every image split of the repack ``data`` into ``data/ocr``; returns the OCR manifest."""
-    t0 = time.time()
+            progress: bool = True, log=None) -> dict:
+    """OCR every image split of the repack ``data`` into ``data/ocr``; returns the OCR manifest. The projected
+    time goes to ``log`` (default stderr) before the work starts."""
+    t0, log = time.time(), log or sys.stderr
     rapid = require_engine()
     ds = open_dataset(data)
     fp, per = repack_fingerprint(ds)
