@@ -160,3 +160,41 @@ def open_ocr(ds: Dataset, split: str) -> Dict[str, np.ndarray]:
     offsets = np.concatenate([[0], np.cumsum(cat.pop("lengths"))]).astype(np.int64)
     return {"product_id": cat["product_id"].astype(np.int64), "image_index": cat["image_index"].astype(np.int64),
             "id_offsets": offsets, "ids": cat["ids"].astype(np.int64), "hashing": man["hashing"]}
+
+
+class TextLookup:
+    """The text-branch input of a batch, looked up by the loader's ``(product_id, image_index)``: the ids of
+    every picture in one flat array with the start of each picture's ids (``torch.nn.EmbeddingBag``'s
+    ``input, offsets``). ``image_index`` -1 (a tiled product record) joins the text of all its pictures."""
+
+    def __init__(self, *parts: Dict[str, np.ndarray]):
+        pid = np.concatenate([p["product_id"] for p in parts])
+        idx = np.concatenate([p["image_index"] for p in parts])
+        if len(idx) and (idx.min() < 0 or idx.max() > 255):
+            raise OcrError(f"image_index {int(idx.max())} is out of 0..255; re-run tools.ocr")
+        lo = np.concatenate([p["id_offsets"][:-1] + sum(len(q["ids"]) for q in parts[:k])
+                             for k, p in enumerate(parts)])
+        hi = np.concatenate([p["id_offsets"][1:] + sum(len(q["ids"]) for q in parts[:k])
+                             for k, p in enumerate(parts)])
+        keys = (pid << 8) | idx
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.lo, self.hi = keys[order], lo[order], hi[order]
+        self.ids = np.concatenate([p["ids"] for p in parts]).astype(np.int64)
+
+    def batch(self, product_id: np.ndarray, image_index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        product_id, image_index = np.asarray(product_id, np.int64), np.asarray(image_index, np.int64)
+        whole = image_index < 0
+        start = np.searchsorted(self.keys, (product_id << 8) | np.where(whole, 0, image_index))
+        stop = np.where(whole, np.searchsorted(self.keys, (product_id + 1) << 8), start + 1)
+        found = (start < len(self.keys)) & (stop > start)
+        found[found] &= (self.keys[start[found]] >> 8) == product_id[found]
+        found[found & ~whole] &= self.keys[start[found & ~whole]] == ((product_id << 8) | image_index)[found & ~whole]
+        if not found.all():
+            k = int(np.flatnonzero(~found)[0])
+            raise OcrError(f"product {int(product_id[k])} image {int(image_index[k])} has no OCR entry: the OCR "
+                           "directory is not of this DATA; run tools.ocr --data DATA --overwrite")
+        pieces = [self.ids[a:b] for s, e in zip(start.tolist(), stop.tolist())
+                  for a, b in zip(self.lo[s:e].tolist(), self.hi[s:e].tolist())]
+        per = [int((self.hi[s:e] - self.lo[s:e]).sum()) for s, e in zip(start.tolist(), stop.tolist())]
+        offsets = np.concatenate([[0], np.cumsum(per)[:-1]]).astype(np.int64) if per else np.zeros(0, np.int64)
+        return (np.concatenate(pieces) if pieces else np.zeros(0, np.int64)), offsets

@@ -222,3 +222,24 @@ def test_cli_projects_the_time_and_workers_write_the_same_files(ocr_data, text_r
         line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"{pid} image {j}:")]
         assert len(line) == 1 and normalize_word(title.split()[0])[:3] in line[0].lower()
     assert ocr.main(["--data", str(data), "--show", "999999"]) == 1
+
+
+@engine
+def test_text_lookup_gives_each_pictures_ids_and_joins_a_products_tiles(ocr_data, small_units):
+    from dali_pipes.ocr_files import TextLookup
+
+    ds = open_dataset(str(ocr_data))
+    tr, va = open_ocr(ds, "train"), open_ocr(ds, "val")
+    look = TextLookup(tr, va)
+    rows = [r for r in range(len(tr["product_id"])) if tr["id_offsets"][r + 1] > tr["id_offsets"][r]][:3]
+    pid, idx = tr["product_id"][rows], tr["image_index"][rows]
+    ids, off = look.batch(pid[::-1], idx[::-1])
+    want = [tr["ids"][tr["id_offsets"][r]:tr["id_offsets"][r + 1]] for r in rows[::-1]]
+    assert np.array_equal(ids, np.concatenate(want)) and off.tolist() == [0, len(want[0]), len(want[0]) + len(want[1])]
+    p = int(va["product_id"][0])  # a val product, all its pictures (a tiled record: image_index -1)
+    mine = np.flatnonzero(va["product_id"] == p)
+    joined, off = look.batch([p], [-1])
+    assert off.tolist() == [0] and np.array_equal(
+        joined, np.concatenate([va["ids"][va["id_offsets"][r]:va["id_offsets"][r + 1]] for r in mine]))
+    with pytest.raises(OcrError, match="product 999999 image 0 has no OCR entry"):
+        look.batch([999999], [0])
