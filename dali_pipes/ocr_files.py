@@ -12,6 +12,7 @@ Nothing here imports the OCR engine: reading needs numpy only.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from .dataset import Dataset, DatasetError
+from .fileio import temp_target
 from .records import MANIFEST, OCR_DIR
 
 OCR_FORMAT_VERSION = 1
@@ -38,6 +40,21 @@ HASHING = {"scheme": "crc32", "buckets": 1 << 18, "ngrams": [3], "min_score": 0.
 def is_ocr_file(name: str) -> bool:
     """A file name tools.ocr writes under DATA/ocr (a unit or the manifest)."""
     return name == MANIFEST or UNIT_FILE.fullmatch(name) is not None
+
+
+def remove_ocr_files(d: str, temporaries_only: bool = False) -> None:
+    """Remove what tools.ocr writes in ``d`` (DATA/ocr): units, the manifest, their temporaries (or only
+    those); nothing else. Folders left empty go too."""
+    for top, dirs, files in os.walk(d, topdown=False):
+        for f in files:
+            target = temp_target(f)
+            if (target is not None and is_ocr_file(target)) or (not temporaries_only and is_ocr_file(f)):
+                os.remove(os.path.join(top, f))
+        for sub in dirs:
+            with contextlib.suppress(OSError):  # not empty: something not ours is in it
+                os.rmdir(os.path.join(top, sub))
+    with contextlib.suppress(OSError):
+        os.rmdir(d)
 
 
 class OcrError(DatasetError):

@@ -142,13 +142,15 @@ def test_resume_keeps_the_finished_units_and_does_the_rest(ocr_data, tmp_path, s
         ocr.run_ocr(str(data), progress=False)
     units = sorted(os.listdir(data / "ocr" / "train"))
     assert len(units) == 2 and not os.path.exists(data / "ocr" / "manifest.json")
+    stale = data / "ocr" / "train" / f".{units[0][:-4]}.npz.abcd.tmp"  # what a killed pool worker leaves
+    stale.write_bytes(b"torn")
     with pytest.raises(OcrError, match="unfinished"):
         _read(data)
     calls.clear()
     monkeypatch.setattr(ocr, "run_unit", lambda job: (calls.append(job[3]), real(job))[1])
     ocr.run_ocr(str(data), progress=False)
     n_units = sum(-(-open_dataset(str(data)).num_records(s) // UNIT) for s in ("train", "val"))
-    assert len(calls) == n_units - 2  # the two finished units were kept
+    assert len(calls) == n_units - 2 and not stale.exists()  # the two finished units were kept
     got = _read(data)
     for k in ("product_id", "image_index", "id_offsets", "ids"):
         assert np.array_equal(got[k], ref[k]), k
@@ -208,7 +210,9 @@ def test_cli_projects_the_time_and_workers_write_the_same_files(ocr_data, text_r
     data = tmp_path / "DATA"
     shutil.copytree(ocr_data, data)
     ref = _read(ocr_data)
+    (data / "ocr" / "train" / "notes.txt").write_text("mine")  # --overwrite removes only what tools.ocr wrote
     assert ocr.main(["--data", str(data), "--workers", "2", "--overwrite"]) == 0
+    assert (data / "ocr" / "train" / "notes.txt").read_text() == "mine"
     cap = capsys.readouterr()
     assert "projected" in cap.err and "ms a picture" in cap.err and "with 2 worker(s)" in cap.err
     n = sum(open_dataset(str(data)).num_records(s) for s in ("train", "val"))

@@ -15,7 +15,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,7 +24,7 @@ import numpy as np
 from dali_pipes.dataset import DatasetError, open_dataset
 from dali_pipes.fileio import Progress, atomic_open, atomic_write_text, format_eta, interruptible
 from dali_pipes.ocr_files import (HASHING, OCR_DIR, OCR_FORMAT_VERSION, OcrError, image_shards, load_unit,
-                                  repack_fingerprint, text_ids, unit_path, unit_ranges)
+                                  remove_ocr_files, repack_fingerprint, text_ids, unit_path, unit_ranges)
 from dali_pipes.records import MANIFEST, decode_example, read_index
 
 ENGINE_PACKAGE, ENGINE_VERSION = "rapidocr-onnxruntime", "1.4.4"
@@ -222,8 +221,8 @@ def _prepare(root: str, overwrite: bool, fp: str, settings: dict, jobs: List[tup
     """Remove DATA/ocr for --overwrite; else refuse one of another repack or other settings. Returns the
     jobs still to do and the counts of the finished ones."""
     d = os.path.join(root, OCR_DIR)
-    if overwrite and os.path.isdir(d):
-        shutil.rmtree(d)
+    if os.path.isdir(d):  # all of what tools.ocr wrote there for --overwrite, else killed workers' temporaries
+        remove_ocr_files(d, temporaries_only=not overwrite)
     mpath = os.path.join(d, MANIFEST)
     if os.path.isfile(mpath):
         with open(mpath) as f:

@@ -25,7 +25,7 @@ import bson
 import numpy as np
 
 from ..fileio import Progress, atomic_open, atomic_write_text, csv_text, temp_target
-from ..ocr_files import is_ocr_file
+from ..ocr_files import remove_ocr_files
 from ..records import (CLASSES_FILE, FORMAT_VERSION, HASHES_FILE, IMAGE_FEATURES, MANIFEST, MAX_K, PRODUCTS_FILE,
                        OCR_DIR, QUARANTINE_FILE, REPACK_MARKER, SPLIT_DIRS, product_features)
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
@@ -489,11 +489,12 @@ def _remove_own_files(out: str, temporaries_only: bool = False) -> None:
 
     for name in os.listdir(out):
         path = os.path.join(out, name)
-        if name in SPLIT_DIRS + (OCR_DIR,) and os.path.isdir(path) and not os.path.islink(path):
-            own = is_ocr_file if name == OCR_DIR else _SHARD_FILE.fullmatch  # tools.ocr's files go with the data
+        if name == OCR_DIR and os.path.isdir(path) and not os.path.islink(path):
+            remove_ocr_files(path, temporaries_only)  # tools.ocr's files go with the data they were read from
+        elif name in SPLIT_DIRS and os.path.isdir(path) and not os.path.islink(path):
             for root, dirs, files in os.walk(path, topdown=False):
                 for f in files:
-                    if ours(f, own):
+                    if ours(f, _SHARD_FILE.fullmatch):
                         os.remove(os.path.join(root, f))
                 for d in dirs:
                     _rmdir_if_empty(os.path.join(root, d))
