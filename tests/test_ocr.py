@@ -247,3 +247,14 @@ def test_text_lookup_gives_each_pictures_ids_and_joins_a_products_tiles(ocr_data
         joined, np.concatenate([va["ids"][va["id_offsets"][r]:va["id_offsets"][r + 1]] for r in mine]))
     with pytest.raises(OcrError, match="product 999999 image 0 has no OCR entry"):
         look.batch([999999], [0])
+
+
+@engine
+def test_an_unlabelled_repack_gets_its_ocr_too(test_data_dir, tmp_path):
+    data = tmp_path / "DATA_TEST"
+    shutil.copytree(test_data_dir, data)
+    man = ocr.run_ocr(str(data), progress=False)
+    ds = open_dataset(str(data))
+    o = open_ocr(ds, "test")
+    assert man["counts"]["images"] == ds.num_records("test") == len(o["product_id"]) > 0
+    assert man["counts"]["with_text"] < man["counts"]["images"] / 5  # no text on them: a few spurious boxes
