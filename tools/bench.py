@@ -660,7 +660,7 @@ def bench_ocr(a) -> dict:
     res: Dict[str, object] = {"images": len(imgs), "titled_images": sum(k in titles for k in keys)}
     for det in a.det_sizes:
         for cls in ([False, True] if a.angle_cls else [False]):
-            reader = Reader(det, "cpu", cls, threads=1)
+            reader = Reader(det, "cpu", cls, threads=1, rec_batch=a.rec_batch)
             reader.read(imgs[:2])  # warm-up
             c0 = time.process_time()
             for im in imgs:
@@ -748,7 +748,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--titles", help="image_titles.csv of the generated set (word accuracy)")
     p.add_argument("--images", type=int, default=256, help="pictures taken from the shards, in order")
     p.add_argument("--det-sizes", type=int, nargs="+", default=[736, 192], help="detector input sizes")
-    p.add_argument("--batch", type=int, default=32, help="pictures per recognizer batch")
+    from tools.ocr import DEFAULT_BATCH as OCR_BATCH, DEFAULT_REC_BATCH
+
+    p.add_argument("--batch", type=int, default=OCR_BATCH, help="pictures whose text boxes are recognized together")
+    p.add_argument("--rec-batch", type=int, default=DEFAULT_REC_BATCH, help="text boxes per recognizer call (padded to the "
+                                                             "widest)")
     p.add_argument("--angle-cls", action="store_true", help="also time each size with the angle classifier")
     p.add_argument("--json")
     p = sub.add_parser("repack", help="repack throughput next to a bare BSON scan")

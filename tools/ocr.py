@@ -32,7 +32,9 @@ INSTALL = ("pip install -e '.[ocr]' && pip install --no-deps rapidocr-onnxruntim
            "README, \"OCR\")")
 DEFAULT_DET_SIZE = 192  # the package's 736 enlarges a 180-px picture 4x first: 5-7x the CPU, no better reading
 DEFAULT_BATCH = 32  # pictures detected before their text boxes are recognized together
-_REC_BATCH = 16  # text boxes per recognizer call
+# Text boxes per recognizer call: a call pads its boxes to the widest, so on a CPU 16 cost 45% more CPU than
+# 1 or 4 (BENCHMARKS.md, "OCR"); a GPU may want more (--rec-batch; not measured).
+DEFAULT_REC_BATCH = 4
 
 
 class OcrUnavailable(RuntimeError):
@@ -72,7 +74,7 @@ class Reader:
     """Detector + recognizer on one process, one ONNX thread each (parallelism comes from --workers)."""
 
     def __init__(self, det_size: int = DEFAULT_DET_SIZE, device: str = "cpu", angle_cls: bool = False,
-                 threads: int = 1):
+                 threads: int = 1, rec_batch: int = DEFAULT_REC_BATCH):
         pkg = require_engine()
         import onnxruntime
         import yaml
@@ -93,11 +95,11 @@ class Reader:
                 raise OcrUnavailable(f"{c['model_path']} is missing from the installed package: {INSTALL}")
             c.update(intra_op_num_threads=threads, inter_op_num_threads=1, use_cuda=device == "cuda")
         cfg["Det"].update(limit_side_len=det_size, limit_type="min")
-        cfg["Rec"]["rec_batch_num"] = _REC_BATCH
+        cfg["Rec"]["rec_batch_num"] = rec_batch
         self.det, self.rec = TextDetector(cfg["Det"]), TextRecognizer(cfg["Rec"])
         self.cls = TextClassifier(cfg["Cls"]) if angle_cls else None
         self.models = {p: os.path.basename(cfg[p]["model_path"]) for p in ("Det", "Rec")}
-        self.key = (det_size, device, angle_cls)
+        self.key = (det_size, device, angle_cls, threads, rec_batch)
 
     def read(self, images: Sequence[Optional[np.ndarray]]) -> List[Tuple[List[str], List[float]]]:
         """``(words, confidences)`` per picture (BGR uint8): detection per picture, then every text box of the
@@ -166,7 +168,7 @@ _TICK = None  # called with the pictures of each batch done (the progress line)
 def _reader(settings: dict) -> Reader:
     """This process's reader for ``settings`` (made once)."""
     global _READER
-    key = (settings["det_size"], settings["device"], settings["angle_cls"])
+    key = (settings["det_size"], settings["device"], settings["angle_cls"], 1, settings["rec_batch"])
     if _READER is None or _READER.key != key:
         _READER = Reader(*key)
     return _READER
@@ -274,7 +276,8 @@ def _project(jobs: List[tuple], settings: dict, workers: int) -> Tuple[float, fl
 
 
 def run_ocr(data: str, workers: int = 1, device: str = "cpu", det_size: int = DEFAULT_DET_SIZE,
-            batch: int = DEFAULT_BATCH, angle_cls: bool = False, overwrite: bool = False,
+            batch: int = DEFAULT_BATCH, rec_batch: int = DEFAULT_REC_BATCH, angle_cls: bool = False,
+            overwrite: bool = False,
             progress: bool = True, log=None) -> dict:
     """OCR every image split of the repack ``data`` into ``data/ocr``; returns the OCR manifest. The projected
     time goes to ``log`` (default stderr) before the work starts."""
@@ -282,8 +285,9 @@ def run_ocr(data: str, workers: int = 1, device: str = "cpu", det_size: int = DE
     rapid = require_engine()
     ds = open_dataset(data)
     fp, per = repack_fingerprint(ds)
-    settings = {"det_size": det_size, "device": device, "angle_cls": angle_cls, "batch": batch, "hashing": HASHING}
-    settings_key = {k: v for k, v in settings.items() if k not in ("device", "batch")}  # do not change results
+    settings = {"det_size": det_size, "device": device, "angle_cls": angle_cls, "batch": batch,
+                "rec_batch": rec_batch, "hashing": HASHING}
+    settings_key = {k: v for k, v in settings.items() if k not in ("device", "batch", "rec_batch")}  # speed only
     jobs = [(ds.root, split, info, a, z, per[info["path"]], settings_key)
             for split, info in image_shards(ds) for a, z in unit_ranges(info["records"])]
     todo, counts = _prepare(ds.root, overwrite, fp, settings_key, jobs)
@@ -363,14 +367,16 @@ def main(argv=None) -> int:
                          "736; default %(default)s for 180-px pictures)")
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="pictures whose text boxes are recognized "
                     "together (default %(default)s)")
+    ap.add_argument("--rec-batch", type=int, default=DEFAULT_REC_BATCH, help="text boxes per recognizer call, "
+                    "padded to the widest (default %(default)s: more costs CPU)")
     ap.add_argument("--angle-cls", action="store_true", help="turn text boxes read upside down (the package's "
                     "angle classifier; off by default: it costs time and covers are upright)")
     ap.add_argument("--overwrite", action="store_true", help="remove DATA/ocr and read everything again")
     ap.add_argument("--show", type=int, metavar="PRODUCT_ID", help="print the words read on a product's pictures")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     a = ap.parse_args(argv)
-    if a.workers < 1 or a.det_size < 32 or a.batch < 1:
-        ap.error("--workers and --batch must be >= 1, --det-size >= 32")
+    if a.workers < 1 or a.det_size < 32 or a.batch < 1 or a.rec_batch < 1:
+        ap.error("--workers, --batch and --rec-batch must be >= 1, --det-size >= 32")
     try:
         if a.show is not None:
             rows = show(a.data, a.show)
@@ -381,7 +387,7 @@ def main(argv=None) -> int:
                 print(f"{a.show} image {j}: " + (" ".join(f"{w}({s:.2f})" for w, s in words) or "(no text)"))
             return 0
         m = run_ocr(a.data, workers=a.workers, device=a.device, det_size=a.det_size, batch=a.batch,
-                    angle_cls=a.angle_cls, overwrite=a.overwrite, progress=not a.quiet)
+                    rec_batch=a.rec_batch, angle_cls=a.angle_cls, overwrite=a.overwrite, progress=not a.quiet)
     except (OcrUnavailable, DatasetError) as e:
         print(f"ocr: error: {e}", file=sys.stderr)
         return 2
