@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 BACKENDS = ("dali-gpu", "dali-cpu", "synthetic")
+CPU_SHARE_MODES = ("auto", "on", "off")  # data.cpu_share (train.cpus): auto partitions with several local ranks
 # Keys of older configs (checkpoints written before the loader yielded uint8 NHWC): the normalization moved
 # into the model, so a saved config drops them (``drop_legacy_keys``); a recipe that sets one is an error.
 LEGACY_KEYS = ("dtype", "channels_last", "mean", "std")
@@ -36,6 +37,10 @@ class DataConfig:
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (A100/H100), dali-gpu only
     initial_fill: int = 4096  # shuffle buffer of the reader
     seed: int = 42
+    # Each local rank's DALI and torch threads on cores of its own (train.cpus): auto with several processes
+    # on the node, on also with one, off never; cpu_reserve lowest-numbered cores are left to all of them.
+    cpu_share: str = "auto"
+    cpu_reserve: int = 2
     synthetic_num_classes: int = 1000  # synthetic backend only (no DATA to read the class count from)
     synthetic_steps: int = 100  # synthetic backend: steps per epoch
 
@@ -50,6 +55,10 @@ class DataConfig:
             raise ValueError("data.batch_size must be >= 1")
         if self.crop < 1:
             raise ValueError("data.crop must be >= 1")
+        if self.cpu_share not in CPU_SHARE_MODES:
+            raise ValueError(f"data.cpu_share must be one of {', '.join(CPU_SHARE_MODES)}, not {self.cpu_share!r}")
+        if self.cpu_reserve < 0:
+            raise ValueError(f"data.cpu_reserve must be >= 0, not {self.cpu_reserve}")
 
     def picture_side(self, train: bool) -> int:
         """The crop rule, in one place: a train picture is a random ``crop`` x ``crop`` window, an eval

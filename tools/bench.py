@@ -82,13 +82,15 @@ def percentiles_ms(times: List[float]) -> Dict[str, float]:
 
 
 def timed_loop(step: Callable[[], int], warmup: int, seconds: float, max_steps: Optional[int] = None,
-               sync: Callable[[], None] = lambda: None):
+               sync: Callable[[], None] = lambda: None, cpu: Optional[dict] = None):
     """Run ``step`` (returns images done) ``warmup`` times, then for ``seconds`` (or ``max_steps``);
-    return (images/s, per-step times)."""
+    return (images/s, per-step times). ``cpu`` (a dict) receives ``us_per_image``: this process's user +
+    system time (every thread: DALI's workers too) over the timed steps, per image."""
     for _ in range(warmup):
         step()
     sync()
     times, images = [], 0
+    c0 = _cpu_seconds()
     t0 = last = time.perf_counter()
     while True:
         images += step()
@@ -98,6 +100,8 @@ def timed_loop(step: Callable[[], int], warmup: int, seconds: float, max_steps: 
         last = now
         if (max_steps and len(times) >= max_steps) or (not max_steps and now - t0 >= seconds):
             break
+    if cpu is not None:
+        cpu["us_per_image"] = (_cpu_seconds() - c0) * 1e6 / images
     return images / (last - t0), times
 
 
@@ -234,15 +238,16 @@ def _dataloader_rate(ds, a) -> float:
     return rate
 
 
-def _decode_rate(jpegs: List[bytes], seconds: float) -> float:
+def _decode_rate(jpegs: List[bytes], seconds: float) -> tuple:
+    """(images/s, images, CPU seconds) of one process decoding ``jpegs`` over and over for ``seconds``."""
     import simplejpeg
 
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         for j in jpegs:
             simplejpeg.decode_jpeg(j)
         n += len(jpegs)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n, time.process_time() - c0
 
 
 def bench_baseline(a) -> dict:
@@ -253,11 +258,13 @@ def bench_baseline(a) -> dict:
     tv_rate = _dataloader_rate(_TorchvisionDataset(jpegs, a.crop), a)
     # The floor: libjpeg-turbo decodes alone, one process per thread, rates added.
     with mp.get_context("spawn").Pool(a.threads) as pool:
-        rates = pool.starmap(_decode_rate, [(jpegs, a.seconds)] * a.threads)
-    bare = float(sum(rates))
+        runs = pool.starmap(_decode_rate, [(jpegs, a.seconds)] * a.threads)
+    bare = float(sum(r[0] for r in runs))
+    cpu_us = sum(r[2] for r in runs) * 1e6 / sum(r[1] for r in runs)  # the processes' own user + system time
     return {"mode": "baseline", "pil_dataloader": {"images_per_s": pil_rate},
             "torchvision_dataloader": {"images_per_s": tv_rate},
-            "bare_decode": {"images_per_s": bare, "per_core_images_per_s": bare / a.threads},
+            "bare_decode": {"images_per_s": bare, "per_core_images_per_s": bare / a.threads,
+                            "cpu_us_per_image": cpu_us},
             "env": environment(a.batch, a.threads)}
 
 
@@ -281,11 +288,13 @@ def bench_loader(a) -> dict:
     loader, _ = build_loader(cfg, 0, 1, "train")
     batches = _endless(loader)
     on = "cuda" if backend == "dali-gpu" else "cpu"  # no device given: the batches stay where DALI decoded them
+    cpu: dict = {}
     rate, times = timed_loop(lambda: next(batches)[0].shape[0], warmup=a.warmup, seconds=a.seconds,
-                             sync=_sync_for(on))
+                             sync=_sync_for(on), cpu=cpu)
     pct = percentiles_ms(times)
     return {"mode": "loader", "backend": backend, "images_per_s": rate, "batch_ms_p50": pct["p50"],
-            "batch_ms_p99": pct["p99"], "crop": a.crop, "env": environment(a.batch, a.threads)}
+            "batch_ms_p99": pct["p99"], "cpu_us_per_image": cpu["us_per_image"], "crop": a.crop,
+            "env": environment(a.batch, a.threads)}
 
 
 # ---- train: the trainer's own step, timed ----------------------------------------------------------
