@@ -82,13 +82,15 @@ def _picture(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, i
         # same crops and flips as an uninterrupted one.
         px = fn.random.uniform(range=(0.0, 1.0))
         py = fn.random.uniform(range=(0.0, 1.0))
-        mirror = fn.random.coin_flip(probability=0.5, dtype=types.INT32)
+        # uint8 where it becomes the flip output itself (a cast and a stack per sample cost more than the
+        # decode's remainder: 40-50 us of CPU per picture); int32 where crop_mirror_normalize reads it.
+        mirror = fn.random.coin_flip(probability=0.5, dtype=types.UINT8 if roi else types.INT32)
     else:
         px = py = 0.5  # centre
         mirror = 1 if flip else 0
     if roi:
         if not train:  # a per-sample flag, for the flip output
-            mirror = fn.constant(idata=int(flip), shape=[], dtype=types.INT32)
+            mirror = fn.constant(idata=int(flip), shape=[], dtype=types.UINT8)
         img = fn.decoders.image_crop(jpegs, device="cpu", output_type=types.RGB, crop=(size, size),
                                      crop_pos_x=px, crop_pos_y=py)
         return img, px, py, mirror
@@ -119,11 +121,12 @@ def _tile(tiles, k: int):
 def apply_flips(images, flags, tiled_k: int, batched=None):
     """Mirror, in place, the pictures (tiles) that the ``crops_in_decoder`` graph left for the consumer:
     ``images`` a torch uint8 ``(N, H, W, 3)`` batch as ``_tile`` lays it out, ``flags`` its ``flip`` output
-    ``(N, max(1, tiled_k))``. On the CPU one flip per flagged tile (about 16 us for 160x160: cheaper than a
+    ``(N, max(1, tiled_k))`` (or ``(N,)`` for pictures). On the CPU one flip per flagged tile (about 16 us for 160x160: cheaper than a
     pass over the whole batch); on a GPU (``batched``, the default there) one masked pass per tile position,
     with ``flags`` moved to the images' device. Returns ``images``."""
     rows, cols = tile_grid(tiled_k)
     side = images.shape[1] // rows
+    flags = flags.view(flags.shape[0], -1)  # a picture's graph yields one flag per sample, (N,)
 
     def tile(t):
         y, x = side * (t // cols), side * (t % cols)
@@ -172,8 +175,8 @@ def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, ima
     outs = [images, labels, r["product_id"]]
     if not tiled_k:
         outs.append(r["image_index"])
-    if roi:  # crops_in_decoder: the mirror flags, one per tile
-        outs.append(fn.stack(*[fn.cast(p[3], dtype=types.UINT8) for p in parts]))
+    if roi:  # crops_in_decoder: the mirror flags (uint8), one per tile; a picture's own flag without a stack
+        outs.append(fn.stack(*[p[3] for p in parts]) if tiled_k else parts[0][3])
     if with_params:  # for tests: the random crop positions and flips drawn (train), one row per tile
         for j in (1, 2, 3):
             outs.append(fn.stack(*[fn.cast(p[j], dtype=types.FLOAT) for p in parts]))

@@ -279,8 +279,12 @@ class Trainer:
         d = self.d
         model = (DDP(self.raw, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
                      gradient_as_bucket_view=True) if d.enabled else self.raw)
-        self.model = torch.compile(model) if self.cfg.model.compile else model
+        mc = self.cfg.model
+        self.model = torch.compile(model, mode=mc.compile_mode) if mc.compile else model
         self._compile_pending = bool(self.cfg.model.compile)  # compiled lazily, on the first step
+        # CUDA graphs replay into the same output memory: each step tells them that a new step begins, so the
+        # previous step's outputs (already summed into the statistics) may be overwritten
+        self._cudagraphs = bool(mc.compile) and mc.compile_mode == "reduce-overhead"
 
     def _level_maps(self) -> Dict[str, tuple]:
         """``{"level1": (level classes, class -> level class on the device), ...}`` for model.aux_levels."""
@@ -354,6 +358,8 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if self._compile_pending:
             return self._first_compiled_step(images, labels)
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast():
             outputs = self.model(images, aux=True) if self.level_maps else self.model(images)
             loss, logits = self.compute_loss(outputs, labels)
