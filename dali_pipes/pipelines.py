@@ -82,8 +82,8 @@ def _picture(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, i
         # same crops and flips as an uninterrupted one.
         px = fn.random.uniform(range=(0.0, 1.0))
         py = fn.random.uniform(range=(0.0, 1.0))
-        # uint8 where it becomes the flip output itself (a cast and a stack per sample cost more than the
-        # decode's remainder: 40-50 us of CPU per picture); int32 where crop_mirror_normalize reads it.
+        # uint8 where it becomes the flip output itself (no cast, and for a picture no stack: two per-sample
+        # operators fewer, the same draws); int32 where crop_mirror_normalize reads it.
         mirror = fn.random.coin_flip(probability=0.5, dtype=types.UINT8 if roi else types.INT32)
     else:
         px = py = 0.5  # centre
@@ -121,9 +121,9 @@ def _tile(tiles, k: int):
 def apply_flips(images, flags, tiled_k: int, batched=None):
     """Mirror, in place, the pictures (tiles) that the ``crops_in_decoder`` graph left for the consumer:
     ``images`` a torch uint8 ``(N, H, W, 3)`` batch as ``_tile`` lays it out, ``flags`` its ``flip`` output
-    ``(N, max(1, tiled_k))`` (or ``(N,)`` for pictures). On the CPU one flip per flagged tile (about 16 us for 160x160: cheaper than a
-    pass over the whole batch); on a GPU (``batched``, the default there) one masked pass per tile position,
-    with ``flags`` moved to the images' device. Returns ``images``."""
+    ``(N, max(1, tiled_k))`` (or ``(N,)`` for pictures). On the CPU one flip per flagged tile (about 16 us
+    for 160x160: cheaper than a pass over the whole batch); on a GPU (``batched``, the default there) one
+    masked pass per tile position, with ``flags`` moved to the images' device. Returns ``images``."""
     rows, cols = tile_grid(tiled_k)
     side = images.shape[1] // rows
     flags = flags.view(flags.shape[0], -1)  # a picture's graph yields one flag per sample, (N,)
@@ -198,9 +198,9 @@ def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequen
                    shard_id: int = 0, num_shards: int = 1, checkpoint=None, with_params: bool = False,
                    resize_check: bool = True, gpu_augment: bool = False):
     """A built pipeline yielding ``output_names(cfg.tiled_k, with_params, crops_in_decoder(cfg.backend,
-    resize_check, gpu_augment))``; images are uint8 ``(H, W, 3)`` per sample, ``cfg.picture_hw(train)``, mirrored where
-    drawn (or where ``flip``) except in the ``crops_in_decoder`` graph, whose ``flip`` output says which
-    pictures (tiles) ``apply_flips`` must mirror.
+    resize_check, gpu_augment))``; images are uint8 ``(H, W, 3)`` per sample, ``cfg.picture_hw(train)``,
+    mirrored where drawn (or where ``flip``) except in the ``crops_in_decoder`` graph, whose ``flip`` output
+    says which pictures (tiles) ``apply_flips`` must mirror.
 
     The data settings come from ``cfg`` (``backend``: dali-cpu decodes on the CPU, dali-gpu on GPU
     ``device_id`` with labels moved there too; ``batch_size``, ``num_threads``, ``prefetch``, ``tiled_k``,

@@ -5,7 +5,8 @@
 # 1. a generated set (180x180 JPEGs) repacked: train (tune, training) and test (predict, >= 20,000 images);
 # 2. `tools.bench tune`: real-data training steps of resnet50 (5,270 classes), in two passes: each input
 #    setting at the first of TUNE_BATCHES and TUNE_MODES, then the winner at the other batch sizes and compile
-#    modes, with synthetic data at each; a ranked table and the winning override line; 3. a short `train/run.sh resnet34` run (NCCL, the trainer end to end) whose checkpoint
+#    modes, with synthetic data at each; a ranked table and the winning override line;
+# 3. a short `train/run.sh resnet34` run (NCCL, the trainer end to end) whose checkpoint
 # 4. predicts the test set (`tools.bench predict`); 5. the tests marked gpu (not the slow model sweep).
 # PY (default python3) runs Python; TUNE_SECONDS (default 5) is the time per tune candidate; TUNE_RECIPE,
 # RUN_RECIPE and RUN_ARGS change the models (a CPU dry run: TUNE_RECIPE=demo RUN_RECIPE=demo RUN_ARGS=...).
