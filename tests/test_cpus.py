@@ -128,3 +128,33 @@ def test_threads_started_after_the_share_obey_it(data_dir):
     new = int(r.stdout.split("NEW ")[1].split()[0])
     assert new >= 2  # DALI's workers (and torch's) were started, and every one of them has the one core
     assert f"MASKS ['{last}'] MAIN {last}" in r.stdout, r.stdout
+
+
+def test_the_trainer_applies_the_share_before_its_threads_start(monkeypatch, tmp_path):
+    """``Trainer._share_cpus`` (called first in ``Trainer.__init__``): torchrun's LOCAL_WORLD_SIZE and the
+    rank's LOCAL_RANK pick the slice; ``train.num_threads``, where set, keeps torch's thread count."""
+    import types
+
+    import torch
+
+    from train.config import Config
+    from train.distributed import Dist
+    from train.train import Trainer
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(cpus, "numa_nodes", lambda node_dir=cpus.NODE_DIR: {})
+    pinned, threads, said = [], [], []
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: pinned.append(sorted(cores)))
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    cfg = Config()
+    fake = types.SimpleNamespace(cfg=cfg, d=Dist(rank=5, world_size=8, local_rank=1), note=said.append)
+    Trainer._share_cpus(fake)
+    assert pinned == [[3, 4]] and threads == [2]  # cores 2..7 after the reserve, a quarter each (rounded)
+    assert "local rank 1 of 4 decodes and computes on cores 3-4 (2 of 8; 2 kept for all)" in said[0]
+    cfg.train.num_threads, cfg.data.cpu_share = 3, "on"
+    Trainer._share_cpus(fake)
+    assert pinned[-1] == [3, 4] and threads == [2]  # torch's count left to _set_determinism
+    cfg.data.cpu_share = "off"
+    Trainer._share_cpus(fake)
+    assert len(pinned) == 2
