@@ -49,12 +49,11 @@ position; the next ``for`` continues the same epoch.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from .config import DataConfig, require_backend
+from .config import DataConfig, _say, require_backend
 from .dataset import DatasetError, check_class_map, open_dataset
 
 # 2: the train iterator reads each epoch to its end (1: it could leave a batch of padding for the next)
@@ -131,10 +130,6 @@ class _Loader:
 
 
 # ---- DALI ------------------------------------------------------------------------------------------------
-def _note(msg: str) -> None:
-    print(f"note: {msg}", file=sys.stderr, flush=True)
-
-
 class DaliLoader(_Loader):
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip,
                  augment=None):
@@ -181,8 +176,8 @@ class DaliLoader(_Loader):
         if self.gpu_augment and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if cfg.gpu_augment and not self.gpu_augment:
-            _note(f"data.gpu_augment ignored: it crops and mirrors dali-cpu batches on the GPU they go to, and "
-                  f"these {'are decoded on the GPU already' if gpu else 'stay on the CPU'} (the usual graph runs)")
+            _say(f"data.gpu_augment ignored: it crops and mirrors dali-cpu batches on the GPU they go to, and "
+                  f"these {'are decoded on the GPU already' if gpu else 'stay on the CPU'} (the usual graph runs)", None)
         # the copies go on a stream of their own (see _convert)
         self._copy_stream = torch.cuda.Stream(self.device) if to_cuda and not self.gpu_augment else None
         self.tiled = bool(cfg.tiled_k)
