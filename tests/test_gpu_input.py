@@ -87,3 +87,24 @@ def test_gpu_decoder_crop_and_options_match_the_whole_picture_graph(data_dir):
         diffs.append((xo.float() - xr.float()).abs().flatten())
     d = torch.cat(diffs)
     assert float(d.mean()) < 1.5 and float(np.percentile(d.numpy(), 99)) < 24
+
+
+def test_compile_mode_is_checked_and_reaches_torch_compile(monkeypatch):
+    import types
+
+    from train.config import ConfigError, load_config
+    from train.distributed import Dist
+    from train.train import Trainer
+
+    with pytest.raises(ConfigError, match="model.compile_mode must be one of default, max-autotune-no-cudagraphs, "
+                                          "reduce-overhead, not 'fast'"):
+        load_config("demo", ["model.compile_mode=fast"]).validate()
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    cfg = load_config("demo", ["model.compile=true", "model.compile_mode=reduce-overhead"])
+    fake = types.SimpleNamespace(cfg=cfg, d=Dist(), raw=torch.nn.Linear(2, 2), dev=torch.device("cpu"))
+    Trainer._wrap_model(fake)
+    assert seen == ["reduce-overhead"] and fake._cudagraphs  # each step then tells the CUDA graphs it begins
+    cfg.model.compile_mode = "max-autotune-no-cudagraphs"
+    Trainer._wrap_model(fake)
+    assert seen[-1] == "max-autotune-no-cudagraphs" and not fake._cudagraphs
