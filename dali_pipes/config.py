@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 BACKENDS = ("dali-gpu", "dali-cpu", "synthetic")
+SHUFFLES = ("epoch", "buffer")  # data.shuffle
 # Keys of older configs (checkpoints written before the loader yielded uint8 NHWC): the normalization moved
 # into the model, so a saved config drops them (``drop_legacy_keys``); a recipe that sets one is an error.
 LEGACY_KEYS = ("dtype", "channels_last", "mean", "std")
@@ -35,6 +36,10 @@ class DataConfig:
     prefetch: int = 2  # DALI prefetch queue depth
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (A100/H100), dali-gpu only
     initial_fill: int = 4096  # shuffle buffer of the reader
+    # train order: "epoch" (each epoch reads the records in a new seeded order: random reads) or "buffer"
+    # (each rank reads its shards front to back through the shuffle buffer only: sequential reads, for disks
+    # that seek slowly; nearly the same order every epoch)
+    shuffle: str = "epoch"
     seed: int = 42
     synthetic_num_classes: int = 1000  # synthetic backend only (no DATA to read the class count from)
     synthetic_steps: int = 100  # synthetic backend: steps per epoch
@@ -48,6 +53,8 @@ class DataConfig:
             raise ValueError(f"data.tiled_k must be 0 (single images) or 2, 3, 4, not {self.tiled_k}")
         if self.batch_size < 1:
             raise ValueError("data.batch_size must be >= 1")
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(f"data.shuffle must be one of {', '.join(SHUFFLES)}, not {self.shuffle!r}")
         if self.crop < 1:
             raise ValueError("data.crop must be >= 1")
 
@@ -72,6 +79,7 @@ class DataConfig:
             "batch_size": self.batch_size,
             "tiled_k": self.tiled_k,
             "initial_fill": self.initial_fill,
+            "shuffle": self.shuffle,
             "seed": self.seed,
             "crop": self.crop,
             "image_size": self.image_size,
@@ -153,5 +161,5 @@ def drop_legacy_keys(data: dict) -> dict:
     return {k: v for k, v in data.items() if k not in LEGACY_KEYS}
 
 
-__all__ = ["DataConfig", "BACKENDS", "LEGACY_KEYS", "drop_legacy_keys", "resolve_backend", "require_backend",
+__all__ = ["DataConfig", "BACKENDS", "SHUFFLES", "LEGACY_KEYS", "drop_legacy_keys", "resolve_backend", "require_backend",
            "fast_bf16", "resolve_amp"]
