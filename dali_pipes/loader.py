@@ -30,7 +30,11 @@ Last batch. Shards are cut from the split's records as DALI does (rank r reads r
 floor(r*N/W) .. floor((r+1)*N/W)) and padded to equal length with copies of their last record.
 Train drops the incomplete last batch of each epoch: every rank runs the same ``(N // W) // batch_size``
 steps (DDP needs that), no sample is repeated within an epoch and at most ``batch_size`` per rank are
-left out; each epoch a rank moves on to the next shard and reshuffles, so a different few are left out.
+left out. Order (``cfg.shuffle``): ``epoch`` (the default) gives every epoch its own order of all the
+split's records, drawn from (``cfg.seed``, epoch) and the same on every rank, of which rank r reads the part
+above (``dali_pipes.order``: a fresh reader per epoch on index files of that order), so each epoch a rank
+reads another random part and a different few are left out; ``buffer`` reads the rank's shard in file order
+through the shuffle buffer (``cfg.initial_fill``) alone, and each epoch a rank moves on to the next shard.
 The loader reads each epoch's padded shard to its end, so the next epoch starts afresh (where W does not
 divide N and ``batch_size`` divides ``N // W``, that end is a batch of padding copies only).
 Evaluation drops the padding copies: over an epoch a rank yields each record of its shard exactly once,
