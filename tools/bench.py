@@ -645,6 +645,89 @@ def bench_predict(a) -> dict:
     return res
 
 
+# ---- ocr: tools.ocr's reader per detector size, its CPU cost and word accuracy on generated titles -------
+COMPETITION_IMAGES = {"train": 12_371_293, "test": 3_095_080}
+
+
+def _title_words(titles_csv: Optional[str]) -> Dict[tuple, List[str]]:
+    if not titles_csv:
+        return {}
+    import csv
+
+    with open(titles_csv, newline="") as f:
+        return {(int(r["_id"]), int(r["image_index"])): r["title"].split() for r in csv.DictReader(f)}
+
+
+def _word_accuracy(reads: List[List[str]], keys: List[tuple], titles: Dict[tuple, List[str]]) -> dict:
+    """Share of the printed words found in what was read (spaces ignored: the recognizer often drops them),
+    accents folded (PP-OCRv4 has none) and as printed, for words with and without accents."""
+    from dali_pipes.ocr_files import normalize_word
+    from tools.synthetic_text import has_accent
+
+    hits = {"plain": [0, 0], "accented": [0, 0], "accented_as_printed": [0, 0]}
+    other_with_text = others = 0
+    for words, key in zip(reads, keys):
+        want = titles.get(key)
+        if want is None:
+            others += 1
+            other_with_text += bool(words)
+            continue
+        folded = "".join(normalize_word(w) for w in words)
+        raw = "".join(words).lower()
+        for w in want:
+            kind = "accented" if has_accent(w) else "plain"
+            hits[kind][0] += normalize_word(w) in folded
+            hits[kind][1] += 1
+            if kind == "accented":
+                hits["accented_as_printed"][0] += w.lower() in raw
+                hits["accented_as_printed"][1] += 1
+    out = {k: v[0] / v[1] if v[1] else None for k, v in hits.items()}
+    n_all = hits["plain"][1] + hits["accented"][1]
+    out["all"] = (hits["plain"][0] + hits["accented"][0]) / n_all if n_all else None
+    out["words"] = n_all
+    out["other_pictures_with_text"] = other_with_text / others if others else None
+    return out
+
+
+def bench_ocr(a) -> dict:
+    from tools.ocr import Reader, decode_bgr, read_range
+    from dali_pipes.dataset import open_dataset
+    from dali_pipes.ocr_files import image_shards
+
+    ds = open_dataset(a.data)
+    recs = []
+    for _, info in image_shards(ds):
+        recs += read_range(os.path.join(ds.root, info["path"]), os.path.join(ds.root, info["index"]), 0,
+                           a.images - len(recs))
+        if len(recs) >= a.images:
+            break
+    imgs = [decode_bgr(r["image"]) for r in recs]
+    keys = [(r["product_id"], r["image_index"]) for r in recs]
+    titles = _title_words(a.titles)
+    res: Dict[str, object] = {"images": len(imgs), "titled_images": sum(k in titles for k in keys)}
+    for det in a.det_sizes:
+        for cls in ([False, True] if a.angle_cls else [False]):
+            reader = Reader(det, "cpu", cls, threads=1, rec_batch=a.rec_batch)
+            reader.read(imgs[:2])  # warm-up
+            c0 = time.process_time()
+            for im in imgs:
+                reader.det(im)
+            det_s = time.process_time() - c0
+            c0 = time.process_time()
+            reads = []
+            for i in range(0, len(imgs), a.batch):
+                reads += [w for w, _ in reader.read(imgs[i:i + a.batch])]
+            total_s = time.process_time() - c0
+            per = total_s / len(imgs)
+            name = f"det{det}" + ("_cls" if cls else "")
+            res[name] = {"cpu_ms_per_image": per * 1e3, "detector_ms": det_s / len(imgs) * 1e3,
+                         "images_per_cpu_s": 1 / per,
+                         "projected_cpu_hours": {k: n * per / 3600 for k, n in COMPETITION_IMAGES.items()},
+                         "word_accuracy": _word_accuracy(reads, keys, titles) if titles else None}
+    res["env"] = environment(batch=a.batch, threads=1)
+    return res
+
+
 # ---- command line ------------------------------------------------------------------------------------
 def _common(p, data_required=True):
     p.add_argument("--data", required=data_required, help="a repacked DATA directory")
@@ -706,6 +789,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="where the models run, whatever the backend; default: cuda when available")
     p.add_argument("--tta", choices=["none", "flip"], default="none")
+    p = sub.add_parser("ocr", help="tools.ocr's CPU ms per picture (one thread) per detector size, and its word "
+                                   "accuracy on make_synthetic --text-categories titles")
+    p.add_argument("--data", required=True, help="a repacked DATA directory")
+    p.add_argument("--titles", help="image_titles.csv of the generated set (word accuracy)")
+    p.add_argument("--images", type=int, default=256, help="pictures taken from the shards, in order")
+    p.add_argument("--det-sizes", type=int, nargs="+", default=[736, 192], help="detector input sizes")
+    from tools.ocr import DEFAULT_BATCH as OCR_BATCH, DEFAULT_REC_BATCH
+
+    p.add_argument("--batch", type=int, default=OCR_BATCH, help="pictures whose text boxes are recognized together")
+    p.add_argument("--rec-batch", type=int, default=DEFAULT_REC_BATCH, help="text boxes per recognizer call (padded to the "
+                                                             "widest)")
+    p.add_argument("--angle-cls", action="store_true", help="also time each size with the angle classifier")
+    p.add_argument("--json")
     p = sub.add_parser("repack", help="repack throughput next to a bare BSON scan")
     p.add_argument("--bson", required=True)
     p.add_argument("--categories", required=True)
@@ -727,20 +823,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 MODES = {"baseline": bench_baseline, "repack": bench_repack, "loader": bench_loader, "train": bench_train,
          "tune": bench_tune, "order": bench_order,
-         "predict": bench_predict}
+         "predict": bench_predict, "ocr": bench_ocr}
 
 
 @interruptible("bench")
 def main(argv=None) -> int:
     from dali_pipes.dataset import DatasetError
     from dali_pipes.writer.repack import RepackError
+    from tools.ocr import OcrUnavailable
     from train.predict import PredictError
 
     a = build_parser().parse_args(argv)
     print(f"bench {a.mode}:")
     try:
         result = MODES[a.mode](a)
-    except (DatasetError, RepackError, PredictError, ValueError) as e:
+    except (DatasetError, RepackError, PredictError, OcrUnavailable, ValueError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     report(result, a.json)
