@@ -53,10 +53,8 @@ position; the next ``for`` continues the same epoch.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
-import weakref
 from typing import Iterator, List, Optional, Sequence
 
 import torch
@@ -196,10 +194,6 @@ class DaliLoader(_Loader):
         # data.shuffle=epoch: each train epoch a fresh reader on that epoch's order (dali_pipes.order)
         self._by_epoch = self.train and cfg.shuffle == "epoch"
         self._files = (paths, idxs, counts)
-        self._scratch = None
-        if self._by_epoch:
-            self._scratch = tempfile.mkdtemp(prefix="dali-pipes-order-")
-            weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
         self._open(state["dali"] if state is not None else None)
 
     def _open(self, checkpoint) -> None:
@@ -211,11 +205,13 @@ class DaliLoader(_Loader):
         cfg, rank = self.cfg, self.rank
         paths, idxs, counts = self._files
         seed, shard_id, num_shards = cfg.seed + 1_000_003 * rank, rank, self.world_size
+        scratch = None
         if self._by_epoch:
-            for name in os.listdir(self._scratch):
-                os.remove(os.path.join(self._scratch, name))
+            # The reader reads its index files when it is built: they are gone right after, even if this
+            # process is killed later.
+            scratch = tempfile.mkdtemp(prefix="dali-pipes-order-")
             parts = epoch_parts(counts, cfg.seed, self.epoch, rank, self.world_size)
-            paths, idxs = write_epoch_index(self._scratch, paths, idxs, parts)
+            paths, idxs = write_epoch_index(scratch, paths, idxs, parts)
             seed, shard_id, num_shards = seed + 7_919 * self.epoch, 0, 1  # the files hold this rank's part only
         try:
             self.pipe = build_pipeline(
@@ -235,6 +231,9 @@ class DaliLoader(_Loader):
             raise LoaderStateError(f"loader state does not fit this pipeline ({dali}); it comes from another "
                                    "version of the code or of DALI: start the epoch afresh without it",
                                    detail=dali) from e
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def state(self) -> dict:
         return self._state(dali=bytes(self.it.checkpoints()[0]))

@@ -4,6 +4,7 @@ each epoch visits the images in a new order (repack: dali_pipes/writer/shuffle.p
 The sets are ~20x the shuffle buffer (data.initial_fill=32, batches of 32): a buffer that holds most of the
 set would mix any file."""
 import collections
+import tempfile
 
 import pytest
 
@@ -108,9 +109,11 @@ def test_each_epoch_visits_the_images_in_a_new_order(sorted_data, world_size):
     assert rank_correlation(*_orders(sorted_data["shuffle"], 0, 1, shuffle="buffer")) > 0.7
 
 
-def test_resume_mid_epoch_in_a_later_epoch(sorted_data):
+def test_resume_mid_epoch_in_a_later_epoch(sorted_data, tmp_path, monkeypatch):
     """A state taken in the middle of epoch 2 resumes that epoch's own order, the same batches as without a
-    stop (the reader position is one in the epoch's index files, made again from the seed)."""
+    stop (the reader position is one in the epoch's index files, made again from the seed). The index files
+    are gone once each reader is built (nothing left behind by a killed run)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     cfg = _cfg(sorted_data["shuffle"])
     ref, spe = build_loader(cfg, 1, 2, "train")
     ref.keep_ids = True
@@ -135,3 +138,4 @@ def test_resume_mid_epoch_in_a_later_epoch(sorted_data):
     for _ in b:
         got.append(b.last_ids[0].tolist())
     assert got == want
+    assert list(tmp_path.iterdir()) == []
