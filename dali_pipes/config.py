@@ -12,6 +12,7 @@ from typing import Callable, Optional, Tuple
 
 BACKENDS = ("dali-gpu", "dali-cpu", "synthetic")
 CPU_SHARE_MODES = ("auto", "on", "off")  # data.cpu_share (train.cpus): auto partitions with several local ranks
+SHUFFLES = ("epoch", "buffer")  # data.shuffle
 # Keys of older configs (checkpoints written before the loader yielded uint8 NHWC): the normalization moved
 # into the model, so a saved config drops them (``drop_legacy_keys``); a recipe that sets one is an error.
 LEGACY_KEYS = ("dtype", "channels_last", "mean", "std")
@@ -45,6 +46,10 @@ class DataConfig:
     # in-pipeline .gpu(), then crop and flip on the GPU in DALI. Batches that stay on the CPU ignore it (a note).
     gpu_augment: bool = False
     initial_fill: int = 4096  # shuffle buffer of the reader
+    # train order: "epoch" (each epoch reads the records in a new seeded order: random reads) or "buffer"
+    # (each rank reads its shards front to back through the shuffle buffer only: sequential reads, for disks
+    # that seek slowly; nearly the same order every epoch)
+    shuffle: str = "epoch"
     seed: int = 42
     # Each local rank's DALI and torch threads on cores of its own (train.cpus): auto with several processes
     # on the node, on also with one, off never; cpu_reserve lowest-numbered cores are left to all of them.
@@ -62,6 +67,8 @@ class DataConfig:
             raise ValueError(f"data.tiled_k must be 0 (single images) or 2, 3, 4, not {self.tiled_k}")
         if self.batch_size < 1:
             raise ValueError("data.batch_size must be >= 1")
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(f"data.shuffle must be one of {', '.join(SHUFFLES)}, not {self.shuffle!r}")
         if self.crop < 1:
             raise ValueError("data.crop must be >= 1")
         if self.cpu_share not in CPU_SHARE_MODES:
@@ -95,6 +102,7 @@ class DataConfig:
             "batch_size": self.batch_size,
             "tiled_k": self.tiled_k,
             "initial_fill": self.initial_fill,
+            "shuffle": self.shuffle,
             "seed": self.seed,
             "crop": self.crop,
             "image_size": self.image_size,
@@ -176,5 +184,5 @@ def drop_legacy_keys(data: dict) -> dict:
     return {k: v for k, v in data.items() if k not in LEGACY_KEYS}
 
 
-__all__ = ["DataConfig", "BACKENDS", "LEGACY_KEYS", "drop_legacy_keys", "resolve_backend", "require_backend",
+__all__ = ["DataConfig", "BACKENDS", "SHUFFLES", "LEGACY_KEYS", "drop_legacy_keys", "resolve_backend", "require_backend",
            "fast_bf16", "resolve_amp"]

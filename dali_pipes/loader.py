@@ -30,7 +30,11 @@ Last batch. Shards are cut from the split's records as DALI does (rank r reads r
 floor(r*N/W) .. floor((r+1)*N/W)) and padded to equal length with copies of their last record.
 Train drops the incomplete last batch of each epoch: every rank runs the same ``(N // W) // batch_size``
 steps (DDP needs that), no sample is repeated within an epoch and at most ``batch_size`` per rank are
-left out; each epoch a rank moves on to the next shard and reshuffles, so a different few are left out.
+left out. Order (``cfg.shuffle``): ``epoch`` (the default) gives every epoch its own order of all the
+split's records, drawn from (``cfg.seed``, epoch) and the same on every rank, of which rank r reads the part
+above (``dali_pipes.order``: a fresh reader per epoch on index files of that order), so each epoch a rank
+reads another random part and a different few are left out; ``buffer`` reads the rank's shard in file order
+through the shuffle buffer (``cfg.initial_fill``) alone, and each epoch a rank moves on to the next shard.
 The loader reads each epoch's padded shard to its end, so the next epoch starts afresh (where W does not
 divide N and ``batch_size`` divides ``N // W``, that end is a batch of padding copies only).
 Evaluation drops the padding copies: over an epoch a rank yields each record of its shard exactly once,
@@ -49,15 +53,19 @@ position; the next ``for`` continues the same epoch.
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from typing import Iterator, List, Optional, Sequence
 
 import torch
 
 from .config import DataConfig, _say, require_backend
 from .dataset import DatasetError, check_class_map, open_dataset
+from .order import epoch_parts, write_epoch_index
 
-# 2: the train iterator reads each epoch to its end (1: it could leave a batch of padding for the next)
-STATE_VERSION = 2
+# 3: data.shuffle=epoch, a reader per epoch on that epoch's order (2: one reader for all epochs; 1: the train
+# iterator could leave a batch of padding for the next epoch)
+STATE_VERSION = 3
 
 
 class LoaderStateError(ValueError):
@@ -89,6 +97,8 @@ class _Loader:
         self.category_ids: List[int] = []
         self.num_records = 0  # records of the split (all ranks)
         self.graph = None  # DALI loaders: which graph reads the pictures (see DaliLoader)
+        self.keep_ids = False  # train: keep the last batch's (product_id, image_index) in last_ids (tools.bench order)
+        self.last_ids = None
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -133,9 +143,7 @@ class _Loader:
 class DaliLoader(_Loader):
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip,
                  augment=None):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-        from .pipelines import READER, apply_flips, build_pipeline, crops_in_decoder, graph_name, output_names
+        from .pipelines import apply_flips, crops_in_decoder, graph_name
 
         super().__init__(cfg, rank, world_size, split, flip, augment)
         gpu = cfg.backend == "dali-gpu"
@@ -190,12 +198,33 @@ class DaliLoader(_Loader):
         self.graph = graph_name(cfg, self.resize_check, self.gpu_augment)
         if state is not None:
             self._check_state(state)
+        # data.shuffle=epoch: each train epoch a fresh reader on that epoch's order (dali_pipes.order)
+        self._by_epoch = self.train and cfg.shuffle == "epoch"
+        self._files = (paths, idxs, counts)
+        self._open(state["dali"] if state is not None else None)
+
+    def _open(self, checkpoint) -> None:
+        """The pipeline and iterator of the current epoch (data.shuffle=epoch) or of all epochs."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        from .pipelines import READER, build_pipeline, output_names
+
+        cfg, rank = self.cfg, self.rank
+        paths, idxs, counts = self._files
+        seed, shard_id, num_shards = cfg.seed + 1_000_003 * rank, rank, self.world_size
+        scratch = None
+        if self._by_epoch:
+            # The reader reads its index files when it is built: they are gone right after, even if this
+            # process is killed later.
+            scratch = tempfile.mkdtemp(prefix="dali-pipes-order-")
+            parts = epoch_parts(counts, cfg.seed, self.epoch, rank, self.world_size)
+            paths, idxs = write_epoch_index(scratch, paths, idxs, parts)
+            seed, shard_id, num_shards = seed + 7_919 * self.epoch, 0, 1  # the files hold this rank's part only
         try:
             self.pipe = build_pipeline(
-                cfg, paths=paths, index_paths=idxs, train=self.train, flip=flip,
-                device_id=self.device.index if gpu or self.gpu_augment else None,
-                seed=(cfg.seed + 1_000_003 * rank) % (1 << 31),
-                shard_id=rank, num_shards=world_size, checkpoint=state["dali"] if state is not None else None,
+                cfg, paths=paths, index_paths=idxs, train=self.train, flip=self.flip,
+                device_id=self.device.index if cfg.backend == "dali-gpu" or self.gpu_augment else None,
+                seed=seed % (1 << 31), shard_id=shard_id, num_shards=num_shards, checkpoint=checkpoint,
                 resize_check=self.resize_check, gpu_augment=self.gpu_augment)
             # PARTIAL for train too: the iterator then reads every batch of the padded shard, and _finish_epoch
             # drops what is past steps_per_epoch. With DROP it leaves a batch of padding copies in the pipeline
@@ -204,12 +233,15 @@ class DaliLoader(_Loader):
                 self.pipe, output_names(cfg.tiled_k, flips=self.flips_here), reader_name=READER, auto_reset=True,
                 last_batch_policy=LastBatchPolicy.PARTIAL)
         except RuntimeError as e:
-            if state is None:
+            if checkpoint is None:
                 raise
             dali = f"DALI: {str(e).splitlines()[0]}"
             raise LoaderStateError(f"loader state does not fit this pipeline ({dali}); it comes from another "
                                    "version of the code or of DALI: start the epoch afresh without it",
                                    detail=dali) from e
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def state(self) -> dict:
         return self._state(dali=bytes(self.it.checkpoints()[0]))
@@ -241,6 +273,9 @@ class DaliLoader(_Loader):
                                    "batches expected per epoch; a bug in the step count")
         self.epoch += 1
         self.step = 0
+        if self._by_epoch:
+            del self.it, self.pipe
+            self._open(None)
 
     def _convert(self, b: dict) -> tuple:
         images = b["images"]
@@ -266,10 +301,12 @@ class DaliLoader(_Loader):
             images, labels = images.to(self.device), labels.to(self.device)
         if self.flips_here:  # on the CPU, or on the GPU after the copy (batched there)
             self._apply_flips(images, flags, self.cfg.tiled_k)
-        if self.train:
-            return images, labels
         pids = b["product_id"].view(-1)
         index = torch.full_like(pids, -1) if self.tiled else b["image_index"].view(-1)
+        if self.train:
+            if self.keep_ids:
+                self.last_ids = (pids, index)
+            return images, labels
         return images, labels, {"product_id": pids, "image_index": index}
 
 

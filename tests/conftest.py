@@ -4,6 +4,7 @@
   test_answers.csv): 400 train products in 8 categories, 60 test products.
 - ``data_dir``: its train.bson repacked (val fraction 0.2): DATA/{train,val,products/k1..k4}.
 - ``test_data_dir``: its test.bson repacked with ``--unlabelled`` (split ``test``, labels -1).
+- ``sorted_synthetic_dir``: the same train products, train.bson sorted by category (tests/test_order.py).
 
 Tests marked ``gpu`` (quick: ``pytest -m gpu``) and ``gpu_slow`` (long sweeps: ``pytest -m gpu_slow``) are
 skipped where torch sees no CUDA device. Each of them runs under a time limit (``GPU_TEST_TIMEOUT_S``
@@ -97,6 +98,17 @@ def test_data_dir(synthetic_dir, tmp_path_factory):
     rc = repack.main(["--bson", str(synthetic_dir / "test.bson"), "--unlabelled", "--out", str(out),
                       "--workers", "1", "--quiet"])
     assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def sorted_synthetic_dir(tmp_path_factory):
+    """``synthetic_dir``'s products, train.bson sorted by category (``make_synthetic --order sorted``)."""
+    from tools import make_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic_sorted")
+    assert make_synthetic.main(["--out", str(out), "--products", str(SYN_PRODUCTS), "--test-products", "10",
+                                "--categories", str(SYN_CATEGORIES), "--seed", str(SYN_SEED), "--order", "sorted"]) == 0
     return out
 
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from dali_pipes.dataset import open_dataset
 from tools import bench
 
 ENV_KEYS = {"cpu_count", "torch", "torch_threads", "dali", "batch", "threads", "gpu", "cuda", "python"}
@@ -57,6 +58,27 @@ def test_loader(data_dir, tmp_path):
     assert res["env"]["batch"] == 16 and res["env"]["threads"] == 1
     # CPU time per picture over the timed batches: times the rate, the cores busy, at most all of them
     assert 0 < res["cpu_us_per_image"] * res["images_per_s"] / 1e6 <= len(os.sched_getaffinity(0)) * 1.05
+
+
+def test_rank_correlation_of_two_orders():
+    items = [(i, 0) for i in range(50)]
+    assert bench.rank_correlation(items, items) == pytest.approx(1.0)
+    assert bench.rank_correlation(items, items[::-1]) == pytest.approx(-1.0)
+    # only the common items count, ranked among themselves
+    assert bench.rank_correlation(items, [(-1, 0)] + items[10:] + [(99, 0)]) == pytest.approx(1.0)
+
+
+def test_order_reports_mixing_and_the_epoch_correlation_per_rank(data_dir, tmp_path):
+    """The classes per batch of epoch 1 (at most the batch and the class count) and one rho per rank: near 1
+    with data.shuffle=buffer on one rank (the same shard in the same order, mixed by the buffer alone)."""
+    res = run_mode(tmp_path, "order", "--data", str(data_dir), "--batch", "16", "--threads", "1",
+                   "--initial-fill", "16", "--world-size", "2")
+    classes = open_dataset(str(data_dir)).num_classes
+    assert res["mode"] == "order" and res["shuffle"] == "epoch" and len(res["rho_epoch1_epoch2"]) == 2
+    assert 1 <= res["classes_per_batch_min"] <= res["classes_per_batch"] <= min(16, classes)
+    res = run_mode(tmp_path, "order", "--data", str(data_dir), "--batch", "16", "--threads", "1",
+                   "--initial-fill", "16", "--shuffle", "buffer")
+    assert res["rho_epoch1_epoch2"][0] > 0.7 and res["images_per_s"] > 0
 
 
 def test_loader_rate_is_the_timed_batches_images(data_dir, tmp_path, ticks):

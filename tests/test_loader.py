@@ -123,15 +123,18 @@ def _divisor_batch(n: int, world_size: int) -> int:
     return max(b for b in range(4, 33) if (n // world_size) % b == 0)
 
 
-@pytest.mark.parametrize("world_size,bs", [(2, 32), (3, 32), (3, "divides the share")])
-def test_sharding_train_no_repeats_same_steps_labels_line_up(data_dir, records, whole_train_images, world_size, bs):
+@pytest.mark.parametrize("world_size,bs,shuffle", [(2, 32, "epoch"), (3, 32, "epoch"), (3, "divides the share", "epoch"),
+                                                   (2, 32, "buffer")])
+def test_sharding_train_no_repeats_same_steps_labels_line_up(data_dir, records, whole_train_images, world_size, bs,
+                                                            shuffle):
     """Train: every rank runs the same number of full batches; within an epoch no sample is seen twice
     (over all ranks), at most batch_size per rank are left out, and every label is its image's label.
-    Three epochs: in each next one every rank has moved on to the next shard, and starts it fresh (also
-    where the batch size divides the share, so that DALI's padded shards end with a batch of padding)."""
+    Three epochs, each started fresh (also where the batch size divides the share, so that DALI's padded
+    shards end with a batch of padding). data.shuffle=epoch: each epoch a rank reads another random part of
+    the split; buffer: in each next epoch every rank has moved on to the next shard."""
     n = len(records["train"])
     bs = bs if isinstance(bs, int) else _divisor_batch(n, world_size)
-    cfg = _cfg(data_dir, crop=180, batch_size=bs)
+    cfg = _cfg(data_dir, crop=180, batch_size=bs, shuffle=shuffle)
     loaders = [build_loader(cfg, rank, world_size, "train")[0] for rank in range(world_size)]
     sets = []  # [epoch][rank] -> samples
     for epoch in range(3):
@@ -150,10 +153,14 @@ def test_sharding_train_no_repeats_same_steps_labels_line_up(data_dir, records, 
                     sets[-1][-1].add((pid, index))
         assert max(seen.values()) == 1
         assert n - world_size * bs <= len(seen) <= n
-    for epoch in (1, 2):  # rank r reads what rank r+1 read the epoch before
+    for epoch in (1, 2):
         for rank in range(world_size):
-            nxt = sets[epoch - 1][(rank + 1) % world_size]
-            assert len(sets[epoch][rank] & nxt) >= len(nxt) - 2 * bs, (epoch, rank)
+            if shuffle == "buffer":  # rank r reads what rank r+1 read the epoch before
+                nxt = sets[epoch - 1][(rank + 1) % world_size]
+                assert len(sets[epoch][rank] & nxt) >= len(nxt) - 2 * bs, (epoch, rank)
+            else:  # a random part: about 1/W of it read by this rank the epoch before
+                before = sets[epoch - 1][rank]
+                assert len(sets[epoch][rank] & before) < 0.5 * (1 + 1 / world_size) * len(before), (epoch, rank)
 
 
 def test_unlabelled_test_data_for_eval(test_data_dir):

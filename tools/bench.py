@@ -7,6 +7,7 @@
     python -m tools.bench predict  --data DATA_TEST|--bson test.bson --checkpoint RUN/best.pt [--tta flip]
     python -m tools.bench repack   --bson train.bson --categories category_names.csv [--workers 1 2]
     python -m tools.bench scale    --step repack --point 10000 "python -m tools.repack ..." --point 40000 ...
+    python -m tools.bench order    --data DATA [--world-size W] [--shuffle epoch|buffer] [--batch 256]
 
 Every figure is printed as a table and, with ``--json FILE``, written with the environment so runs on
 different machines can be compared. Timings are taken after a warm-up, between device synchronizations.
@@ -24,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from dali_pipes.config import SHUFFLES, DataConfig
 from dali_pipes.fileio import interruptible
 
 
@@ -458,6 +460,51 @@ def bench_loader(a) -> dict:
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     res["env"] = environment(a.batch, a.threads)
     return res
+
+
+def rank_correlation(first: List[tuple], second: List[tuple]) -> float:
+    """Spearman's rho of the positions of the items of ``first`` that ``second`` also holds (two visiting
+    orders of distinct items); nan below 3 common items."""
+    where = {k: i for i, k in enumerate(second)}
+    pairs = np.array([(i, where[k]) for i, k in enumerate(first) if k in where], dtype=np.float64).reshape(-1, 2)
+    if len(pairs) < 3:
+        return float("nan")
+    ranks = pairs.argsort(axis=0).argsort(axis=0).astype(np.float64)
+    return float(np.corrcoef(ranks[:, 0], ranks[:, 1])[0, 1])
+
+
+def bench_order(a) -> dict:
+    """How mixed the train batches are and how much the order changes between epochs, read by the loader
+    itself: the mean number of distinct classes per batch (epoch 1, all ranks) and, per rank, the rank
+    correlation of the images' positions in epochs 1 and 2. Also the loader's images/s (CPU seconds, this
+    process and its threads) over those epochs."""
+    from dali_pipes.config import DataConfig
+    from dali_pipes.loader import build_loader
+
+    cfg = DataConfig(path=a.data, backend="dali-cpu", batch_size=a.batch, num_threads=a.threads, crop=a.crop,
+                     shuffle=a.shuffle, initial_fill=a.initial_fill)
+    distinct, rho, images, wall, cpu = [], [], 0, 0.0, 0.0
+    for rank in range(a.world_size):
+        loader, _ = build_loader(cfg, rank, a.world_size, "train")
+        loader.keep_ids = True
+        orders = []
+        for epoch in range(2):
+            order: List[tuple] = []
+            t, c = time.perf_counter(), _cpu_seconds()
+            for _, labels in loader:
+                pids, index = loader.last_ids
+                order += zip(pids.tolist(), index.tolist())
+                if epoch == 0:
+                    distinct.append(len(set(labels.tolist())))
+            wall, cpu, images = wall + time.perf_counter() - t, cpu + _cpu_seconds() - c, images + len(order)
+            orders.append(order)
+        rho.append(rank_correlation(*orders))
+        del loader
+    return {"mode": "order", "shuffle": a.shuffle, "world_size": a.world_size, "batch": a.batch,
+            "initial_fill": a.initial_fill, "classes_per_batch": float(np.mean(distinct)),
+            "classes_per_batch_min": int(min(distinct)), "rho_epoch1_epoch2": rho,
+            "max_abs_rho": float(np.nanmax(np.abs(rho))), "images_per_s": images / wall,
+            "images_per_cpu_s": images / cpu, "crop": a.crop, "env": environment(a.batch, a.threads)}
 
 
 # ---- train: the trainer's own step, timed ----------------------------------------------------------
@@ -1010,11 +1057,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", type=int, default=7_069_896, help="products to project to (train.bson's)")
     p.add_argument("--log-dir", help="keep each command's output here (STEP-N.log); else it is discarded")
     p.add_argument("--json")
+    p = sub.add_parser("order", help="classes per train batch and the epoch-1/epoch-2 rank correlation per rank")
+    _common(p)
+    p.set_defaults(batch=256, crop=32)  # a small window: the order is what counts here, not the decode
+    p.add_argument("--world-size", type=int, default=1, help="ranks, read one after the other")
+    p.add_argument("--shuffle", choices=SHUFFLES, default=DataConfig.shuffle,
+                   help="data.shuffle (buffer: the loader of before, sequential reads)")
+    p.add_argument("--initial-fill", type=int, default=DataConfig.initial_fill, help="data.initial_fill")
     return ap
 
 
 MODES = {"baseline": bench_baseline, "repack": bench_repack, "loader": bench_loader, "train": bench_train,
-         "tune": bench_tune,
+         "tune": bench_tune, "order": bench_order,
          "predict": bench_predict, "ocr": bench_ocr, "scale": bench_scale}
 
 

@@ -12,7 +12,7 @@ import sys
 
 from dali_pipes.fileio import interruptible
 from dali_pipes.writer.jpeg_check import DEFAULT_MAX_SIDE, DEFAULT_VERIFY, VERIFY_MODES
-from dali_pipes.writer.repack import RepackError, repack
+from dali_pipes.writer.repack import ORDERS, RepackError, repack
 
 
 @interruptible("repack")
@@ -34,6 +34,10 @@ def main(argv=None) -> int:
     ap.add_argument("--exclude", metavar="CSV",
                     help="images to leave out (product_id,image_index[,reason]; what tools.clean writes); each "
                          "is listed in quarantine.csv")
+    ap.add_argument("--order", choices=ORDERS, default="shuffle",
+                    help="train records: shuffle (a seeded random order across all shards, the default: a file "
+                         "sorted by category trains as well as a shuffled one) or file (the BSON's order)")
+    ap.add_argument("--shuffle-seed", type=int, default=0, help="seed of --order shuffle (default %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing repacked DATA")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     a = ap.parse_args(argv)
@@ -41,7 +45,7 @@ def main(argv=None) -> int:
         m = repack(a.bson, a.out, categories=a.categories, val_fraction=a.val_fraction, workers=a.workers,
                    shard_size_mb=a.shard_size_mb, verify=a.verify, unlabelled=a.unlabelled,
                    overwrite=a.overwrite, max_side=a.max_side, progress=not a.quiet,
-                   exclude=a.exclude)
+                   exclude=a.exclude, order=a.order, shuffle_seed=a.shuffle_seed)
     except RepackError as e:
         print(f"repack: error: {e}", file=sys.stderr)
         return 2

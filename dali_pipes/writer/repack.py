@@ -33,12 +33,14 @@ from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
 from .exclude import ExcludeError, read_exclude
 from .jpeg_check import DEFAULT_MAX_SIDE, DEFAULT_VERIFY, VERIFY_MODES, make_check
 from .shards import ShardWriter, int_feature
+from .shuffle import shuffle_train_groups
 
 MAX_IMAGE_BYTES = 4 << 20  # the competition's images are ~5 kB; megabytes mean something is wrong
 QUARANTINE_FIELDS = ["product_id", "offset", "image_index", "reason"]
 # Duplicate lookup (tools.predict --dedup, HASHES_FILE): a 64-bit hash (blake2b) of every written image with
 # its product and category id (-1 in unlabelled repacks), sorted by hash.
 HASH_DTYPE = np.dtype([("hash", "<u8"), ("product_id", "<i8"), ("category_id", "<i8")])
+ORDERS = ("shuffle", "file")  # --order: the train records shuffled across shards (seeded), or in the BSON's order
 _FILES = (MANIFEST, CLASSES_FILE, QUARANTINE_FILE, PRODUCTS_FILE, HASHES_FILE)  # beside SPLIT_DIRS
 _SHARD_FILE = re.compile(r"(train|val|test)-\d{5}\.(tfrecord|idx)")  # what _ChunkWriters names a shard
 
@@ -567,10 +569,15 @@ def _show(bar: Progress, counters, force: bool = False) -> None:
 def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fraction: float = 0.01,
            workers: int = 1, shard_size_mb: float = 256, verify: str = DEFAULT_VERIFY, unlabelled: bool = False,
            overwrite: bool = False, max_doc_bytes: int = MAX_DOC_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES,
-           max_side: int = DEFAULT_MAX_SIDE, progress: bool = True, exclude: Optional[str] = None) -> dict:
+           max_side: int = DEFAULT_MAX_SIDE, progress: bool = True, exclude: Optional[str] = None,
+           order: str = "shuffle", shuffle_seed: int = 0) -> dict:
     """Repack ``bson_path`` into ``out``; return the manifest. Raises ``RepackError`` for unusable input.
 
-    ``exclude``: a CSV of images to leave out (``dali_pipes.writer.exclude``), each listed in quarantine.csv."""
+    ``exclude``: a CSV of images to leave out (``dali_pipes.writer.exclude``), each listed in quarantine.csv.
+    ``order``: ``shuffle`` writes the train records in a random order seeded by ``shuffle_seed``
+    (``dali_pipes.writer.shuffle``), ``file`` keeps the BSON's order."""
+    if order not in ORDERS:
+        raise RepackError(f"--order must be one of {', '.join(ORDERS)}, not {order!r}")
     if verify not in VERIFY_MODES:
         raise RepackError(f"--verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
     if max_side < 1:
@@ -646,6 +653,9 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
                 sizes.setdefault(split, Counter()).update(c)
             for group, infos in r.shards.items():
                 shards.setdefault(group, []).extend(infos)
+        if order == "shuffle" and not unlabelled:
+            shuffle_train_groups(out, shards, shuffle_seed, workers,
+                                 functools.partial(_init_pool_worker, None, None))
         if not index.complete:
             quarantine.write([["", index.stop_offset, "", f"unreadable from here to the end of the file "
                                f"({index.file_size - index.stop_offset} bytes): {index.stop_reason}"]])
@@ -689,7 +699,8 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
                 "unread_bytes": index.file_size - index.stop_offset},
             "settings": {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "verify": verify,
                          "max_doc_bytes": max_doc_bytes, "max_image_bytes": max_image_bytes,
-                         "max_side": max_side},
+                         "max_side": max_side, "order": order,
+                         "shuffle_seed": shuffle_seed if order == "shuffle" and not unlabelled else None},
             "source": {"bson": {"name": os.path.basename(bson_path), "size": index.file_size},
                        "categories": ({"name": os.path.basename(categories), "size": os.path.getsize(categories)}
                                       if categories else None)},

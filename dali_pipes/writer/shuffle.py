@@ -1,0 +1,136 @@
+"""The repack's seeded external shuffle: the train shards' records in a random order across all shards.
+
+Catalogue exports often come sorted by category (or by seller, nearly the same thing). The loader reads its
+shards in sequence through a shuffle buffer of a few thousand images, so from a sorted file a batch would hold
+one or two classes. After the chunks are written (each chunk's shard in file order, as before), every train
+group (``train`` and ``products/kK/train``) is reordered in two sequential passes:
+
+1. scatter: each chunk shard is read once, front to back, and each record is appended to one of B piece files
+   (B = the group's shard count), the bucket drawn from a generator seeded by ``(seed, chunk)``; the chunk's
+   shard is then removed;
+2. gather: each output shard ``b`` reads its B pieces, orders their records by the same random keys and is
+   written with its index (atomically, index first).
+
+The keys depend on the seed, the chunk number and the record's place in its chunk only, and the chunks depend
+only on the input and ``--shard-size-mb``: the output stays byte-identical for any ``--workers``. Every read
+and write is sequential (at most B + 1 files open per process); the extra cost is one more read and write of
+the train split, and one output shard in memory per process during the gather. Validation and test splits
+keep the file order (evaluation reads them in order). Records keep their own ``product_id`` and
+``image_index``: whatever is keyed to an image uses those, never a record's position.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import struct
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..fileio import atomic_open, temp_path_for
+from ..records import read_index
+from .shards import _index_text
+
+_FRAME = struct.Struct("<Q")  # a record's payload length, the first 8 of its 16 bytes of framing
+
+
+def is_train_group(group: str) -> bool:
+    """Whether a shard group (``train``, ``val``, ``products/k2/train``, ...) is read shuffled in training."""
+    return group.rsplit("/", 1)[-1] == "train"
+
+
+def _keys(seed: int, chunk: int, n: int, buckets: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(bucket, sort key) of each of a chunk's ``n`` records."""
+    keys = np.random.default_rng([seed, chunk]).integers(0, 1 << 62, size=n, dtype=np.int64)
+    return keys % buckets, keys
+
+
+def _scatter(args) -> List[str]:
+    """Pass 1 for one chunk shard: its records appended to one piece per bucket, then the shard removed.
+    Returns the pieces' paths, one per bucket."""
+    out, group, split, info, chunk, buckets, seed = args
+    path, idx = os.path.join(out, info["path"]), os.path.join(out, info["index"])
+    sizes = [s for _, s in read_index(idx)]
+    bucket, _ = _keys(seed, chunk, len(sizes), buckets)
+    pieces = [temp_path_for(os.path.join(out, group, f"{split}-{b:05d}.tfrecord")) for b in range(buckets)]
+    handles = [open(p, "wb") for p in pieces]
+    try:
+        with open(path, "rb") as f:
+            for b, size in zip(bucket.tolist(), sizes):
+                handles[b].write(f.read(size))
+    finally:
+        for h in handles:
+            h.close()
+    os.remove(path)
+    os.remove(idx)
+    return pieces
+
+
+def _frames(data: bytes) -> List[bytes]:
+    """The records (whole frames) of a piece, in order."""
+    out, pos, view = [], 0, memoryview(data)
+    while pos < len(data):
+        end = pos + 16 + _FRAME.unpack_from(data, pos)[0]
+        out.append(view[pos:end])
+        pos = end
+    return out
+
+
+def _gather(args) -> dict:
+    """Pass 2 for one output shard: its pieces' records in key order, written with their index."""
+    out, group, split, bucket, pieces, counts, buckets, seed = args
+    records: List[memoryview] = []
+    keys: List[np.ndarray] = []
+    for chunk, (piece, n) in enumerate(zip(pieces, counts)):
+        with open(piece, "rb") as f:
+            data = f.read()
+        frames = _frames(data)
+        b, k = _keys(seed, chunk, n, buckets)
+        k = k[b == bucket]
+        if len(k) != len(frames):
+            raise AssertionError(f"{piece}: {len(frames)} records, {len(k)} expected")  # a bug, not input
+        records += frames
+        keys.append(k)
+    order = np.argsort(np.concatenate(keys or [np.zeros(0, np.int64)]), kind="stable")
+    name = os.path.join(group, f"{split}-{bucket:05d}")
+    sizes = [len(records[i]) for i in order]
+    if sizes:
+        with atomic_open(os.path.join(out, name + ".idx"), "w") as f:  # the index first, as ShardWriter does
+            f.write(_index_text(sizes))
+        with atomic_open(os.path.join(out, name + ".tfrecord"), "wb") as f:
+            for i in order:
+                f.write(records[i])
+    for piece in pieces:
+        os.remove(piece)
+    return {"records": len(sizes), "bytes": sum(sizes), "path": name + ".tfrecord", "index": name + ".idx"}
+
+
+def _map(fn, tasks: Sequence, workers: int, init) -> list:
+    if workers <= 1 or len(tasks) <= 1:
+        return [fn(t) for t in tasks]
+    with mp.get_context("fork").Pool(min(workers, len(tasks)), initializer=init) as pool:
+        return pool.map(fn, tasks, chunksize=1)
+
+
+def shuffle_group(out: str, group: str, infos: List[dict], seed: int, workers: int = 1,
+                  init: Optional[Callable[[], None]] = None) -> List[dict]:
+    """Reorder the records of one shard group of ``out`` (its chunk shards ``infos``, in chunk order) into
+    as many shards in a seeded random order; returns the new shards' manifest entries. ``init``: run in each
+    pool process first (the repack's signal settings)."""
+    if not infos:
+        return infos
+    split = group.rsplit("/", 1)[-1]
+    buckets = len(infos)
+    pieces = _map(_scatter, [(out, group, split, info, c, buckets, seed) for c, info in enumerate(infos)], workers, init)
+    counts = [int(info["records"]) for info in infos]
+    done = _map(_gather, [(out, group, split, b, [p[b] for p in pieces], counts, buckets, seed)
+                          for b in range(buckets)], workers, init)
+    return [d for d in done if d["records"]]
+
+
+def shuffle_train_groups(out: str, shards: Dict[str, List[dict]], seed: int, workers: int = 1,
+                         init: Optional[Callable[[], None]] = None) -> None:
+    """``shuffle_group`` for every train group of a repack's ``shards`` (group -> entries), in place."""
+    for group in sorted(shards):
+        if is_train_group(group):
+            shards[group] = shuffle_group(out, group, shards[group], seed, workers, init)
