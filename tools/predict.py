@@ -50,7 +50,7 @@ def read_answers(path: str) -> Dict[int, int]:
         return {int(r["_id"]): int(r["category_id"]) for r in csv.DictReader(f)}
 
 
-def _tiled(spec: str):
+def tiled_spec(spec: str):
     k, sep, path = spec.partition("=")
     if not sep or k not in ("1", "2", "3", "4"):
         raise argparse.ArgumentTypeError(f"--tiled takes K=CHECKPOINT[:WEIGHT] with K in 1 (single-image products, "
@@ -58,7 +58,7 @@ def _tiled(spec: str):
     return int(k), path
 
 
-def _kind_weight(spec: str):
+def kind_weight(spec: str):
     kind, _, w = spec.partition("=")
     try:
         return kind, float(w)
@@ -75,10 +75,10 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", action="append", required=True,
                     help="RUN/best.pt, optionally PATH:WEIGHT; repeat for an ensemble")
     ap.add_argument("--tta", choices=["none", "flip"], default="none")
-    ap.add_argument("--tiled", type=_tiled, action="append", default=[],
+    ap.add_argument("--tiled", type=tiled_spec, action="append", default=[],
                     help="K=CHECKPOINT[:WEIGHT]: a model for the products with K images (data.tiled_k K: 2, 3, 4 "
                          "tiled; 1: the single-image products, e.g. finetune_k1_224); repeatable, also per K")
-    ap.add_argument("--weight", type=_kind_weight, action="append", default=[], metavar="KIND=W",
+    ap.add_argument("--weight", type=kind_weight, action="append", default=[], metavar="KIND=W",
                     help="weight of a kind of member in a product's blend (images, upsized, tiled; default 1 "
                          "each): the kinds that score a product are averaged by these")
     ap.add_argument("--batch", type=int, default=256)
