@@ -14,7 +14,16 @@ NEED_TORCH = $(PY) -c "import torch, torchvision" 2>/dev/null || { \
 NEED_DEPS = $(PY) -c "import dali_pipes, nvidia.dali, timm, bson, simplejpeg, crc32c, yaml, tensorboard" 2>/dev/null \
 	&& QUIET=-q || echo "Installing this project and its dependencies (first run only: DALI alone is several hundred MB)"
 
-.PHONY: install install-dev test demo clean docker-test
+# The OCR extra (tools.ocr): `ocr` brings onnxruntime, `ocr-gpu` onnxruntime-gpu (never both: where
+# onnxruntime-gpu is installed already, ocr-gpu is chosen). rapidocr-onnxruntime itself goes in with --no-deps
+# so that its GUI opencv-python (libGL) stays out: setup.py's extras list the rest, with the headless OpenCV.
+OCR_EXTRA ?= $(shell $(PY) -m pip show -q onnxruntime-gpu >/dev/null 2>&1 && echo ocr-gpu || echo ocr)
+OCR_PIN ?= rapidocr-onnxruntime==1.4.4
+NEED_OCR = if $(PY) -c "import sys; sys.exit(sys.version_info < (3, 13))"; then \
+	echo "OCR extra not installed: $(OCR_PIN) needs Python < 3.13 (tools.ocr and its tests are skipped)"; \
+	else $(PIP) $${QUIET:-} --no-deps $(OCR_PIN); fi
+
+.PHONY: install install-dev install-ocr test demo clean docker-test
 
 install:
 	@$(NEED_TORCH)
@@ -22,7 +31,11 @@ install:
 
 install-dev:
 	@$(NEED_TORCH)
-	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e '.[dev]'
+	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e '.[dev,$(OCR_EXTRA)]' && $(NEED_OCR)
+
+install-ocr:
+	@$(NEED_TORCH)
+	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e '.[$(OCR_EXTRA)]' && $(NEED_OCR)
 
 test: install-dev
 	$(PY) -m pytest -q tests

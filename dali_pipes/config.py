@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 BACKENDS = ("dali-gpu", "dali-cpu", "synthetic")
+CPU_SHARE_MODES = ("auto", "on", "off")  # data.cpu_share (train.cpus): auto partitions with several local ranks
 # Keys of older configs (checkpoints written before the loader yielded uint8 NHWC): the normalization moved
 # into the model, so a saved config drops them (``drop_legacy_keys``); a recipe that sets one is an error.
 LEGACY_KEYS = ("dtype", "channels_last", "mean", "std")
@@ -34,8 +35,21 @@ class DataConfig:
     num_threads: int = 4  # DALI CPU threads per pipeline
     prefetch: int = 2  # DALI prefetch queue depth
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (A100/H100), dali-gpu only
+    # dali-gpu decoder options (issue 27; DALI's defaults until a GPU measurement says otherwise): nvJPEG's host
+    # threads pinned to cores near the GPU (affine), the decoder's output buffer per sample allocated up front
+    # (bytes, 0: DALI's default), and on all-square shards the window cut by the decoder (decoders.image_crop).
+    decoder_affine: bool = True
+    bytes_per_sample_hint: int = 0
+    gpu_decoder_crop: bool = False
+    # dali-cpu feeding a GPU, as NVIDIA's ResNet-50 example: the CPU reads and decodes whole pictures, an
+    # in-pipeline .gpu(), then crop and flip on the GPU in DALI. Batches that stay on the CPU ignore it (a note).
+    gpu_augment: bool = False
     initial_fill: int = 4096  # shuffle buffer of the reader
     seed: int = 42
+    # Each local rank's DALI and torch threads on cores of its own (train.cpus): auto with several processes
+    # on the node, on also with one, off never; cpu_reserve lowest-numbered cores are left to all of them.
+    cpu_share: str = "auto"
+    cpu_reserve: int = 2
     synthetic_num_classes: int = 1000  # synthetic backend only (no DATA to read the class count from)
     synthetic_steps: int = 100  # synthetic backend: steps per epoch
 
@@ -51,6 +65,15 @@ class DataConfig:
             raise ValueError("data.batch_size must be >= 1")
         if self.crop < 1:
             raise ValueError("data.crop must be >= 1")
+        if self.cpu_share not in CPU_SHARE_MODES:
+            raise ValueError(f"data.cpu_share must be one of {', '.join(CPU_SHARE_MODES)}, not {self.cpu_share!r}")
+        if self.bytes_per_sample_hint < 0:
+            raise ValueError(f"data.bytes_per_sample_hint must be >= 0 (0: DALI's default), not "
+                             f"{self.bytes_per_sample_hint}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"data.hw_decoder_load is a share of the JPEGs: 0 to 1, not {self.hw_decoder_load}")
+        if self.cpu_reserve < 0:
+            raise ValueError(f"data.cpu_reserve must be >= 0, not {self.cpu_reserve}")
 
     def picture_side(self, train: bool) -> int:
         """The crop rule, in one place: a train picture is a random ``crop`` x ``crop`` window, an eval

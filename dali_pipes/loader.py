@@ -54,7 +54,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from .config import DataConfig, require_backend
+from .config import DataConfig, _say, require_backend
 from .dataset import DatasetError, check_class_map, open_dataset
 
 # 2: the train iterator reads each epoch to its end (1: it could leave a batch of padding for the next)
@@ -136,7 +136,7 @@ class DaliLoader(_Loader):
                  augment=None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        from .pipelines import READER, apply_flips, build_pipeline, crops_in_decoder, output_names
+        from .pipelines import READER, apply_flips, build_pipeline, crops_in_decoder, graph_name, output_names
 
         super().__init__(cfg, rank, world_size, split, flip, augment)
         gpu = cfg.backend == "dali-gpu"
@@ -171,25 +171,33 @@ class DaliLoader(_Loader):
             if device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
         self.device = None if device is None else torch.device(device)
-        # dali-cpu feeding a GPU: the copies go on a stream of their own (see _convert)
-        self._copy_stream = (torch.cuda.Stream(self.device) if not gpu and self.device is not None
-                             and self.device.type == "cuda" else None)
+        to_cuda = not gpu and self.device is not None and self.device.type == "cuda"
+        # dali-cpu feeding a GPU: crop and mirror there in DALI (data.gpu_augment), or the batch copied over
+        self.gpu_augment = cfg.gpu_augment and to_cuda
+        if self.gpu_augment and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if cfg.gpu_augment and not self.gpu_augment:
+            _say(f"data.gpu_augment ignored: it crops and mirrors dali-cpu batches on the GPU they go to, and "
+                  f"these {'are decoded on the GPU already' if gpu else 'stay on the CPU'} (the usual graph runs)", None)
+        # the copies go on a stream of their own (see _convert)
+        self._copy_stream = torch.cuda.Stream(self.device) if to_cuda and not self.gpu_augment else None
         self.tiled = bool(cfg.tiled_k)
         # The per-picture size check (a DALI conditional, ~5% of the CPU time) only where a picture may need it.
         self.resize_check = not ds.all_square(split, cfg.image_size)
         # CPU decode without that check: the decoder cuts the window, _convert mirrors (pipelines.apply_flips).
-        self.flips_here = crops_in_decoder(cfg.backend, self.resize_check)
+        self.flips_here = crops_in_decoder(cfg.backend, self.resize_check, self.gpu_augment)
         self._apply_flips = apply_flips
         # Named in the state: a reader checkpoint fits only the graph it was taken from.
-        self.graph = ("decoder-crop" if self.flips_here else "size-check" if self.resize_check else "whole-picture")
+        self.graph = graph_name(cfg, self.resize_check, self.gpu_augment)
         if state is not None:
             self._check_state(state)
         try:
             self.pipe = build_pipeline(
                 cfg, paths=paths, index_paths=idxs, train=self.train, flip=flip,
-                device_id=self.device.index if gpu else None, seed=(cfg.seed + 1_000_003 * rank) % (1 << 31),
+                device_id=self.device.index if gpu or self.gpu_augment else None,
+                seed=(cfg.seed + 1_000_003 * rank) % (1 << 31),
                 shard_id=rank, num_shards=world_size, checkpoint=state["dali"] if state is not None else None,
-                resize_check=self.resize_check)
+                resize_check=self.resize_check, gpu_augment=self.gpu_augment)
             # PARTIAL for train too: the iterator then reads every batch of the padded shard, and _finish_epoch
             # drops what is past steps_per_epoch. With DROP it leaves a batch of padding copies in the pipeline
             # where W does not divide N and batch_size divides N // W: the next epoch would start with it.

@@ -21,6 +21,11 @@ torch. DALI's CPU crop and mirror operators cost about half a decode per 160x160
 kernels); the region-of-interest decode costs a little more than the whole decode, and the torch mirror of a
 drawn picture 12-24 us (BENCHMARKS.md). The pixels are those of the whole-picture graph. The GPU graph keeps
 the fused ``crop_mirror_normalize`` (one cheap kernel there, and the hardware decoder works on whole images).
+
+Two GPU graphs are choices (``graph_name``), to be measured by ``bench tune``: ``data.gpu_augment`` (dali-cpu
+batches that go to a GPU: the CPU reads and decodes whole pictures, an in-pipeline ``.gpu()``, and the fused
+crop and mirror run on the GPU in DALI, as NVIDIA's ResNet-50 example does) and ``data.gpu_decoder_crop``
+(dali-gpu on all-square shards: ``decoders.image_crop`` on the GPU cuts the window, the mirror follows).
 """
 from __future__ import annotations
 
@@ -46,37 +51,59 @@ def _fit(img, side: int):
     return img
 
 
-def crops_in_decoder(backend: str, resize_check: bool) -> bool:
+def crops_in_decoder(backend: str, resize_check: bool, gpu_augment: bool = False) -> bool:
     """Whether the graph cuts the crop window in the JPEG decoder and leaves the mirror to ``apply_flips``:
-    CPU decoding of pictures that need no resize (a resize must come before the crop)."""
-    return backend == "dali-cpu" and not resize_check
+    CPU decoding of pictures that need no resize (a resize must come before the crop), unless the crop and
+    mirror run on the GPU (``gpu_augment``)."""
+    return backend == "dali-cpu" and not resize_check and not gpu_augment
+
+
+def graph_name(cfg: DataConfig, resize_check: bool, gpu_augment: bool = False) -> str:
+    """Which graph reads the pictures, the name a loader state records (a reader position fits only its own
+    graph). ``gpu_augment``: the dali-cpu batches go to a GPU and ``cfg.gpu_augment`` asked for it there."""
+    if gpu_augment:
+        return "gpu-augment"
+    if crops_in_decoder(cfg.backend, resize_check):
+        return "decoder-crop"
+    if resize_check:
+        return "size-check"
+    if cfg.backend == "dali-gpu" and cfg.gpu_decoder_crop:
+        return "gpu-decoder-crop"
+    return "whole-picture"
 
 
 def _picture(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, image_size: int,
-             hw_decoder_load: float, resize_check: bool, roi: bool):
+             gpu_args: dict, resize_check: bool, roi: bool, to_gpu: bool, gpu_roi: bool):
     """Decode one JPEG per sample and return (uint8 HWC picture, crop_x, crop_y, mirror); in the
-    ``crops_in_decoder`` graph (``roi``) the picture is not mirrored yet."""
+    ``crops_in_decoder`` graph (``roi``) the picture is not mirrored yet. ``to_gpu``: CPU decode, then the
+    crop and mirror on the GPU; ``gpu_roi``: the GPU decoder cuts the window."""
     if train:
         # Seeded from the pipeline seed; DALI checkpoints their generator state, so a resumed run draws the
         # same crops and flips as an uninterrupted one.
         px = fn.random.uniform(range=(0.0, 1.0))
         py = fn.random.uniform(range=(0.0, 1.0))
-        mirror = fn.random.coin_flip(probability=0.5, dtype=types.INT32)
+        # uint8 where it becomes the flip output itself (no cast, and for a picture no stack: two per-sample
+        # operators fewer, the same draws); int32 where crop_mirror_normalize reads it.
+        mirror = fn.random.coin_flip(probability=0.5, dtype=types.UINT8 if roi else types.INT32)
     else:
         px = py = 0.5  # centre
         mirror = 1 if flip else 0
-    # GPU only: the share of JPEGs for the hardware decoder (A100/H100), and its buffers sized up front.
-    gpu_args = dict(hw_decoder_load=hw_decoder_load, preallocate_width_hint=image_size,
-                    preallocate_height_hint=image_size) if decode_device == "mixed" else {}
     if roi:
         if not train:  # a per-sample flag, for the flip output
-            mirror = fn.constant(idata=int(flip), shape=[], dtype=types.INT32)
+            mirror = fn.constant(idata=int(flip), shape=[], dtype=types.UINT8)
         img = fn.decoders.image_crop(jpegs, device="cpu", output_type=types.RGB, crop=(size, size),
                                      crop_pos_x=px, crop_pos_y=py)
         return img, px, py, mirror
+    if gpu_roi:  # the window from the GPU decoder; the mirror alone after it
+        img = fn.decoders.image_crop(jpegs, device="mixed", output_type=types.RGB, crop=(size, size),
+                                     crop_pos_x=px, crop_pos_y=py, **gpu_args)
+        out = fn.crop_mirror_normalize(img, mirror=mirror, dtype=types.UINT8, output_layout="HWC")
+        return out, px, py, mirror
     img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **gpu_args)
     if resize_check:
         img = _fit(img, image_size)
+    if to_gpu:
+        img = img.gpu()
     # After _fit (or with every picture image_size square) both sides are >= image_size >= size, so the
     # window always fits; "pad" only guards a rounding corner case (zeros instead of a stopped run).
     out = fn.crop_mirror_normalize(img, crop=(size, size), crop_pos_x=px, crop_pos_y=py, mirror=mirror,
@@ -94,11 +121,12 @@ def _tile(tiles, k: int):
 def apply_flips(images, flags, tiled_k: int, batched=None):
     """Mirror, in place, the pictures (tiles) that the ``crops_in_decoder`` graph left for the consumer:
     ``images`` a torch uint8 ``(N, H, W, 3)`` batch as ``_tile`` lays it out, ``flags`` its ``flip`` output
-    ``(N, max(1, tiled_k))``. On the CPU one flip per flagged tile (about 16 us for 160x160: cheaper than a
-    pass over the whole batch); on a GPU (``batched``, the default there) one masked pass per tile position,
-    with ``flags`` moved to the images' device. Returns ``images``."""
+    ``(N, max(1, tiled_k))`` (or ``(N,)`` for pictures). On the CPU one flip per flagged tile (about 16 us
+    for 160x160: cheaper than a pass over the whole batch); on a GPU (``batched``, the default there) one
+    masked pass per tile position, with ``flags`` moved to the images' device. Returns ``images``."""
     rows, cols = tile_grid(tiled_k)
     side = images.shape[1] // rows
+    flags = flags.view(flags.shape[0], -1)  # a picture's graph yields one flag per sample, (N,)
 
     def tile(t):
         y, x = side * (t // cols), side * (t % cols)
@@ -127,7 +155,7 @@ def apply_flips(images, flags, tiled_k: int, batched=None):
 
 
 def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, image_size, shard_id, num_shards,
-           initial_fill, hw_decoder_load, with_params, resize_check, roi):
+           initial_fill, gpu_args, with_params, resize_check, roi, to_gpu, gpu_roi):
     schema = records.product_features(tiled_k) if tiled_k else records.IMAGE_FEATURES
     r = fn.readers.tfrecord(
         path=list(paths), index_path=list(index_paths), features=records.dali_features(schema), name=READER,
@@ -140,15 +168,15 @@ def _graph(*, paths, index_paths, tiled_k, train, flip, decode_device, size, ima
         stick_to_shard=not train)
     names = [f"image_{i}" for i in range(tiled_k)] if tiled_k else ["image"]
     parts = [_picture(r[n], decode_device=decode_device, train=train, flip=flip, size=size, image_size=image_size,
-                      hw_decoder_load=hw_decoder_load, resize_check=resize_check, roi=roi)
+                      gpu_args=gpu_args, resize_check=resize_check, roi=roi, to_gpu=to_gpu, gpu_roi=gpu_roi)
              for n in names]
     images = _tile([p[0] for p in parts], tiled_k) if tiled_k else parts[0][0]
-    labels = r["label"].gpu() if decode_device == "mixed" else r["label"]
+    labels = r["label"].gpu() if decode_device == "mixed" or to_gpu else r["label"]
     outs = [images, labels, r["product_id"]]
     if not tiled_k:
         outs.append(r["image_index"])
-    if roi:  # crops_in_decoder: the mirror flags, one per tile
-        outs.append(fn.stack(*[fn.cast(p[3], dtype=types.UINT8) for p in parts]))
+    if roi:  # crops_in_decoder: the mirror flags (uint8), one per tile; a picture's own flag without a stack
+        outs.append(fn.stack(*[p[3] for p in parts]) if tiled_k else parts[0][3])
     if with_params:  # for tests: the random crop positions and flips drawn (train), one row per tile
         for j in (1, 2, 3):
             outs.append(fn.stack(*[fn.cast(p[j], dtype=types.FLOAT) for p in parts]))
@@ -168,11 +196,11 @@ def output_names(tiled_k: int, with_params: bool = False, flips: bool = False):
 def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequence[str], train: bool,
                    flip: bool = False, device_id: Optional[int] = None, seed: Optional[int] = None,
                    shard_id: int = 0, num_shards: int = 1, checkpoint=None, with_params: bool = False,
-                   resize_check: bool = True):
+                   resize_check: bool = True, gpu_augment: bool = False):
     """A built pipeline yielding ``output_names(cfg.tiled_k, with_params, crops_in_decoder(cfg.backend,
-    resize_check))``; images are uint8 ``(H, W, 3)`` per sample, ``cfg.picture_hw(train)``, mirrored where
-    drawn (or where ``flip``) except in the ``crops_in_decoder`` graph, whose ``flip`` output says which
-    pictures (tiles) ``apply_flips`` must mirror.
+    resize_check, gpu_augment))``; images are uint8 ``(H, W, 3)`` per sample, ``cfg.picture_hw(train)``,
+    mirrored where drawn (or where ``flip``) except in the ``crops_in_decoder`` graph, whose ``flip`` output
+    says which pictures (tiles) ``apply_flips`` must mirror.
 
     The data settings come from ``cfg`` (``backend``: dali-cpu decodes on the CPU, dali-gpu on GPU
     ``device_id`` with labels moved there too; ``batch_size``, ``num_threads``, ``prefetch``, ``tiled_k``,
@@ -183,7 +211,10 @@ def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequen
     iterator checkpoint to resume from. ``with_params`` (train, for tests) adds the random draws.
     ``resize_check=False`` leaves the per-picture size check and its resize out of the graph: only for shards
     whose every picture is ``image_size`` x ``image_size`` (``Dataset.all_square``), others would be cropped or
-    padded instead of resized. ``has_resize_check(pipe)`` tells which graph a pipeline runs."""
+    padded instead of resized. ``has_resize_check(pipe)`` tells which graph a pipeline runs. ``gpu_augment``
+    (dali-cpu with a ``device_id``): crop and mirror on that GPU, images and labels yielded there. The
+    dali-gpu decoder takes ``cfg.decoder_affine``, ``cfg.bytes_per_sample_hint`` and, without the size check,
+    ``cfg.gpu_decoder_crop`` (``graph_name`` names the graph)."""
     if cfg.backend not in ("dali-cpu", "dali-gpu"):
         raise ValueError(f"build_pipeline: data.backend must be dali-cpu or dali-gpu, not {cfg.backend!r}")
     gpu = cfg.backend == "dali-gpu"
@@ -191,13 +222,25 @@ def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequen
         raise ValueError("with_params reads back random draws: train pipelines only")
     if gpu and device_id is None:
         raise ValueError("data.backend=dali-gpu needs a CUDA device_id")
+    if gpu_augment and (gpu or device_id is None):
+        raise ValueError("gpu_augment: dali-cpu batches cropped and mirrored on a GPU, so it needs data.backend="
+                         f"dali-cpu (not {cfg.backend}) and a CUDA device_id (given: {device_id})")
+    graph = graph_name(cfg, resize_check, gpu_augment)
+    # GPU decoder only: the share of JPEGs for the hardware decoder (A100/H100), its buffers sized up front.
+    gpu_args = {}
+    if gpu:
+        gpu_args = dict(hw_decoder_load=cfg.hw_decoder_load, preallocate_width_hint=cfg.image_size,
+                        preallocate_height_hint=cfg.image_size, affine=cfg.decoder_affine)
+        if cfg.bytes_per_sample_hint:
+            gpu_args["bytes_per_sample_hint"] = cfg.bytes_per_sample_hint
     pipe = (_pipeline if resize_check else _pipeline_no_check)(
         paths=paths, index_paths=index_paths, tiled_k=cfg.tiled_k, train=train, flip=flip,
         decode_device="mixed" if gpu else "cpu", size=cfg.picture_side(train), image_size=cfg.image_size,
         shard_id=shard_id, num_shards=num_shards, initial_fill=cfg.initial_fill,
-        hw_decoder_load=cfg.hw_decoder_load, with_params=with_params, resize_check=resize_check,
-        roi=crops_in_decoder(cfg.backend, resize_check),
-        batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id if gpu else None,
+        gpu_args=gpu_args, with_params=with_params, resize_check=resize_check,
+        roi=graph == "decoder-crop", to_gpu=gpu_augment, gpu_roi=graph == "gpu-decoder-crop",
+        batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+        device_id=device_id if gpu or gpu_augment else None,
         seed=cfg.seed if seed is None else seed, prefetch_queue_depth=cfg.prefetch,
         # The dynamic executor hands outputs to torch without a copy (DLPack); checkpointing records the
         # reader position and the random generators for mid-epoch resume.

@@ -26,6 +26,7 @@ SPLIT_DIRS = ("train", "val", "test", "products")  # image shards per split; pro
 # Written into the directory before anything else and removed once the manifest is written: a directory
 # with it is an unfinished repack, whose files a re-run may remove (repack removes nothing elsewhere).
 REPACK_MARKER = ".repack-unfinished"
+OCR_DIR = "ocr"  # what tools.ocr writes (dali_pipes/ocr_files.py); a repack over DATA removes its files too
 
 # ---- schema -------------------------------------------------------------------------------------
 # Feature name -> kind ("bytes" or "int64"). Writer, reader and DALI pipelines all use these.

@@ -7,6 +7,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRY = {"PY": sys.executable, "TUNE_RECIPE": "demo", "RUN_RECIPE": "demo", "CATEGORIES": "20", "TUNE_SECONDS": "1",
        "TUNE_BUDGET": "20", "TEST_SECONDS": "120",
+       "TUNE_BATCHES": "16 24",
        "RUN_ARGS": "train.max_steps=5 data.batch_size=16 train.tensorboard=false"}
 
 
@@ -22,6 +23,7 @@ def test_dry_run_every_step_and_at_most_eight_files(tmp_path):
     for name in ("generate", "repack_train", "repack_test", "tune", "train_run", "predict", "pytest_gpu"):
         assert f"   {name}: exit 0 after" in r.stdout, (name, r.stdout[-3000:])
     assert "override: data.backend=dali-cpu" in r.stdout and "products_per_s=" in r.stdout
+    assert "ranked (real data):" in r.stdout and " 1. dali-cpu t" in r.stdout  # the tune's table
     files = sorted(os.listdir(tmp_path / "out"))
     assert len(files) <= 8 and {"tune.json", "predict.json", "pytest_gpu.log", "extra.tar.gz"} <= set(files), files
     assert "done in " in r.stdout

@@ -286,3 +286,74 @@ def test_sorted_order_writes_the_same_documents_sorted_by_category(tmp_path):
         assert open(tmp_path / "a" / name, "rb").read() == open(tmp_path / "b" / name, "rb").read(), name
     with pytest.raises(ValueError, match="order"):
         synthetic.make_dataset(str(tmp_path / "c"), products=4, test_products=0, categories=2, order="random")
+
+
+# ---- text categories (--text-categories) ------------------------------------------------------------------
+def test_without_text_categories_the_files_are_those_of_before(tmp_path):
+    """The files of a set made without --text-categories, pinned from before the option existed. JPEG bytes
+    depend on Pillow's encoder, so the pin holds for the Pillow it was taken with."""
+    import hashlib
+
+    import PIL
+
+    if PIL.__version__ != "13.0.0":
+        pytest.skip(f"pinned with Pillow 13.0.0's JPEG encoder, this is Pillow {PIL.__version__}")
+    r = synthetic.make_dataset(str(tmp_path), products=60, test_products=12, categories=6, seed=5)
+    got = {k: hashlib.sha256(v).hexdigest()[:16] for k, v in _file_bytes(r).items()}
+    assert got == {"train_bson": "d92f11bd0b4d0c69", "test_bson": "eadccb7e39193074",
+                   "category_names": "f6c4a2604271ae83", "test_answers": "d0f0ee83e4e08d98"}
+
+
+def test_text_categories_share_a_look_and_differ_by_their_titles(tmp_path):
+    from tools import synthetic_text
+
+    plain = synthetic.make_dataset(str(tmp_path / "plain"), products=80, test_products=20, categories=6, seed=2,
+                                   duplicates=0.2)
+    r = synthetic.make_dataset(str(tmp_path / "text"), products=80, test_products=20, categories=6, seed=2,
+                               text_categories=3, duplicates=0.2)
+    table = _read_csv(r["category_names"])[1:]
+    assert [row[1:3] for row in table[3:]] == [[synthetic_text.TEXT_LEVEL1, synthetic_text.TEXT_LEVEL2]] * 3
+    assert table[:3] == _read_csv(plain["category_names"])[1:4]  # the others keep their names and ids
+    text_ids = {int(row[0]): k for k, row in enumerate(table[3:])}
+    vocab = synthetic_text.vocabularies(3)
+    rows = _read_csv(r["titles"])
+    assert rows[0] == synthetic_text.TITLES_HEADER
+    titles = {(int(a), int(b)): (s, t) for a, b, s, t in rows[1:]}
+    answers = {int(a): int(c) for a, c in _read_csv(r["test_answers"])[1:]}
+    pictures = 0
+    for split, key in (("train", "train_bson"), ("test", "test_bson")):
+        for d, p in zip(_docs(r[key]), _docs(plain[key])):
+            cat = d["category_id"] if "category_id" in d else answers[d["_id"]]
+            if cat in text_ids:  # every picture of a text category has its title listed, words of its vocabulary
+                for j in range(len(d["imgs"])):
+                    s, title = titles.pop((d["_id"], j))
+                    assert s == split and 2 <= len(title.split()) <= 3
+                    assert set(title.split()) <= set(vocab[text_ids[cat]])
+                    pictures += 1
+            else:  # the other categories' pictures are those of the set without text categories
+                assert d == p
+    assert not titles and pictures > 20
+    looks = [Image.open(io.BytesIO(d["imgs"][0]["picture"])).convert("RGB") for d in _docs(r["train_bson"])
+             if d["category_id"] in text_ids]
+    blue = [np.mean(np.asarray(im, np.int16) @ np.array([-1, 0, 1]) > 80) for im in looks]  # the cover's colour
+    assert min(blue) > 0.3  # every one of them shows the one blue look
+    again = synthetic.make_dataset(str(tmp_path / "again"), products=80, test_products=20, categories=6, seed=2,
+                                   text_categories=3, duplicates=0.2)
+    assert _file_bytes(again) == _file_bytes(r) and open(again["titles"], "rb").read() == open(r["titles"], "rb").read()
+
+
+def test_text_vocabularies_overlap_so_that_word_pairs_tell_the_category():
+    from tools import synthetic_text
+
+    for n in (2, 8, synthetic_text.MAX_TEXT_CATEGORIES):
+        vocab = synthetic_text.vocabularies(n)
+        owners = collections.Counter(w for v in vocab for w in v)
+        assert set(owners.values()) == ({2, 3} if n > 3 else {n - 1})  # never in all: that would tell none
+        assert min(len(v) for v in vocab) >= synthetic_text.WORDS_PER_CATEGORY - 2
+        assert len({frozenset(v) for v in vocab}) == n  # no two categories read alike
+        accented = sum(synthetic_text.has_accent(w) for w in owners)
+        assert 0.2 < accented / len(owners) < 0.8
+    with pytest.raises(ValueError):
+        synthetic_text.vocabularies(synthetic_text.MAX_TEXT_CATEGORIES + 1)
+    with pytest.raises(SystemExit):
+        make_synthetic.main(["--out", "unused", "--categories", "3", "--text-categories", "4"])

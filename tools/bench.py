@@ -3,7 +3,7 @@
     python -m tools.bench loader   --data DATA [--backend dali-gpu|dali-cpu] [--batch B] [--threads T]
     python -m tools.bench baseline --data DATA [--batch B] [--threads T]
     python -m tools.bench train    --model resnet50 [--data DATA] [--synthetic] [--amp bf16|fp16|off] ...
-    python -m tools.bench tune     --data DATA [--recipe resnet50] [--model M] [--batches 256 512] [--seconds 8]
+    python -m tools.bench tune     --data DATA [--recipe resnet50] [--model M] [--batches 256 384 512] [--modes ...]
     python -m tools.bench predict  --data DATA_TEST|--bson test.bson --checkpoint RUN/best.pt [--tta flip]
     python -m tools.bench repack   --bson train.bson --categories category_names.csv [--workers 1 2]
 
@@ -82,13 +82,15 @@ def percentiles_ms(times: List[float]) -> Dict[str, float]:
 
 
 def timed_loop(step: Callable[[], int], warmup: int, seconds: float, max_steps: Optional[int] = None,
-               sync: Callable[[], None] = lambda: None):
+               sync: Callable[[], None] = lambda: None, cpu: Optional[dict] = None):
     """Run ``step`` (returns images done) ``warmup`` times, then for ``seconds`` (or ``max_steps``);
-    return (images/s, per-step times)."""
+    return (images/s, per-step times). ``cpu`` (a dict) receives ``us_per_image``: this process's user +
+    system time (every thread: DALI's workers too) over the timed steps, per image."""
     for _ in range(warmup):
         step()
     sync()
     times, images = [], 0
+    c0 = _cpu_seconds()
     t0 = last = time.perf_counter()
     while True:
         images += step()
@@ -98,6 +100,8 @@ def timed_loop(step: Callable[[], int], warmup: int, seconds: float, max_steps: 
         last = now
         if (max_steps and len(times) >= max_steps) or (not max_steps and now - t0 >= seconds):
             break
+    if cpu is not None:
+        cpu["us_per_image"] = (_cpu_seconds() - c0) * 1e6 / images
     return images / (last - t0), times
 
 
@@ -234,15 +238,16 @@ def _dataloader_rate(ds, a) -> float:
     return rate
 
 
-def _decode_rate(jpegs: List[bytes], seconds: float) -> float:
+def _decode_rate(jpegs: List[bytes], seconds: float) -> tuple:
+    """(images/s, images, CPU seconds) of one process decoding ``jpegs`` over and over for ``seconds``."""
     import simplejpeg
 
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         for j in jpegs:
             simplejpeg.decode_jpeg(j)
         n += len(jpegs)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n, time.process_time() - c0
 
 
 def bench_baseline(a) -> dict:
@@ -253,11 +258,13 @@ def bench_baseline(a) -> dict:
     tv_rate = _dataloader_rate(_TorchvisionDataset(jpegs, a.crop), a)
     # The floor: libjpeg-turbo decodes alone, one process per thread, rates added.
     with mp.get_context("spawn").Pool(a.threads) as pool:
-        rates = pool.starmap(_decode_rate, [(jpegs, a.seconds)] * a.threads)
-    bare = float(sum(rates))
+        runs = pool.starmap(_decode_rate, [(jpegs, a.seconds)] * a.threads)
+    bare = float(sum(r[0] for r in runs))
+    cpu_us = sum(r[2] for r in runs) * 1e6 / sum(r[1] for r in runs)  # the processes' own user + system time
     return {"mode": "baseline", "pil_dataloader": {"images_per_s": pil_rate},
             "torchvision_dataloader": {"images_per_s": tv_rate},
-            "bare_decode": {"images_per_s": bare, "per_core_images_per_s": bare / a.threads},
+            "bare_decode": {"images_per_s": bare, "per_core_images_per_s": bare / a.threads,
+                            "cpu_us_per_image": cpu_us},
             "env": environment(a.batch, a.threads)}
 
 
@@ -281,11 +288,13 @@ def bench_loader(a) -> dict:
     loader, _ = build_loader(cfg, 0, 1, "train")
     batches = _endless(loader)
     on = "cuda" if backend == "dali-gpu" else "cpu"  # no device given: the batches stay where DALI decoded them
+    cpu: dict = {}
     rate, times = timed_loop(lambda: next(batches)[0].shape[0], warmup=a.warmup, seconds=a.seconds,
-                             sync=_sync_for(on))
+                             sync=_sync_for(on), cpu=cpu)
     pct = percentiles_ms(times)
     return {"mode": "loader", "backend": backend, "images_per_s": rate, "batch_ms_p50": pct["p50"],
-            "batch_ms_p99": pct["p99"], "crop": a.crop, "env": environment(a.batch, a.threads)}
+            "batch_ms_p99": pct["p99"], "cpu_us_per_image": cpu["us_per_image"], "crop": a.crop,
+            "env": environment(a.batch, a.threads)}
 
 
 # ---- train: the trainer's own step, timed ----------------------------------------------------------
@@ -350,13 +359,21 @@ def tune_candidates(cuda: bool, cpus: int, batches: List[int], threads: Optional
     """The input settings ``bench tune`` tries at the first batch size: dali-gpu with each hardware-decoder
     share and thread count (GPU only), dali-cpu with each thread count. Synthetic data is timed apart.
     In the order they run, so that a ``--budget-s`` cut leaves out the least likely: on a GPU fewer decode
-    threads and a hardware-decoder share of 0.5 first, then 0, then 1 (the order of the H200 measurement in
-    BENCHMARKS.md), dali-cpu after them; on a CPU more threads first."""
+    threads and a hardware-decoder share of 0.5 first, then NVIDIA's MLPerf decoder settings (a share of
+    0.99, a prefetch queue of 4, nvJPEG's threads not pinned; then also the window cut by the decoder), then
+    the shares 0 and 1 (the order of the H200 measurement in BENCHMARKS.md), dali-cpu after them, the
+    NVIDIA-recommended form first (whole decode on the CPU, crop and flip on the GPU in DALI); on a CPU more
+    threads first. A candidate's ``options`` are further ``data.*`` values."""
     if cuda:
         gpu_threads = threads or sorted({min(4, cpus), min(8, cpus)})
         cpu_threads = threads or sorted({max(1, cpus // 2), max(1, cpus - 2)}, reverse=True)
         hw = hw_loads if hw_loads is not None else [0.5, 0.0, 1.0]
         out = [{"backend": "dali-gpu", "num_threads": t, "hw_decoder_load": h} for t in gpu_threads for h in hw]
+        mlperf = {"prefetch": 4, "decoder_affine": False}
+        out[1:1] = [{"backend": "dali-gpu", "num_threads": gpu_threads[0], "hw_decoder_load": 0.99, "options": o}
+                    for o in (mlperf, dict(mlperf, gpu_decoder_crop=True))]
+        out.append({"backend": "dali-cpu", "num_threads": cpu_threads[0], "hw_decoder_load": 0.0,
+                    "options": {"gpu_augment": True}})
     else:
         cpu_threads = threads or sorted({max(1, cpus // 2), cpus}, reverse=True)
         out = []
@@ -364,30 +381,51 @@ def tune_candidates(cuda: bool, cpus: int, batches: List[int], threads: Optional
     return [dict(c, batch_size=batches[0]) for c in out]
 
 
-def first_pass_budget(budget_s: float, n_batches: int, first_run_s: float, candidate_s: float) -> float:
-    """Seconds after which ``bench tune`` starts no new candidate at the first batch size, so that each later
-    batch size keeps what it needs: about what the first (synthetic) run took, since its warm-up compiled the
-    model and each batch size compiles anew, plus its synthetic row and two settings (``candidate_s`` each).
-    ``budget_s`` 0 means no limit (and the result is then not used)."""
-    if not budget_s or n_batches < 2:
+def second_pass(modes: List[str], batches: List[int]) -> List[tuple]:
+    """The (compile mode, batch size) pairs ``bench tune`` runs on the winning input setting after the first
+    pass (``modes[0]``, ``batches[0]``), in order: the other batch sizes with the first mode (each batch size
+    compiles anew), then each other mode at the fastest batch size so far (None: decided when it is reached;
+    a mode compiles anew too, 40-60 s on a GPU, so the full cross product would not fit one remote call)."""
+    return [(modes[0], b) for b in batches[1:]] + [(m, None) for m in modes[1:]]
+
+
+def first_pass_budget(budget_s: float, n_later: int, first_run_s: float, candidate_s: float) -> float:
+    """Seconds after which ``bench tune`` starts no new candidate in its first pass, so that each of the
+    ``n_later`` second-pass pairs (``second_pass``) keeps what it needs: about what the first (synthetic) run
+    took, since its warm-up compiled the model and each pair compiles anew, plus its synthetic row and the
+    winner (``candidate_s`` each). ``budget_s`` 0 means no limit (and the result is then not used)."""
+    if not budget_s or n_later < 1:
         return budget_s
-    return max(0.0, budget_s - (n_batches - 1) * (first_run_s + 3 * candidate_s))
+    return max(0.0, budget_s - n_later * (first_run_s + 2 * candidate_s))
+
+
+def _options(c: dict) -> dict:
+    return c.get("options") or {}
 
 
 def _candidate_name(c: dict) -> str:
+    mode = f" {c['compile_mode']}" if c.get("compile_mode") else ""
     if c["backend"] == "synthetic":
-        return f"synthetic b{c['batch_size']}"
+        return f"synthetic b{c['batch_size']}{mode}"
     hw = f" hw{c['hw_decoder_load']:g}" if c["backend"] == "dali-gpu" else ""
-    return f"{c['backend']} t{c['num_threads']}{hw} b{c['batch_size']}"
+    opts = "".join(f" {k}={v}" for k, v in _options(c).items())
+    return f"{c['backend']} t{c['num_threads']}{hw}{opts} b{c['batch_size']}{mode}"
 
 
-def override_line(c: dict, recipe_batch: int) -> str:
+def _value(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def override_line(c: dict, recipe_batch: int, recipe_mode: Optional[str] = None) -> str:
     """The ``section.key=value`` words that select candidate ``c`` in ``train/run.sh``."""
     words = [f"data.backend={c['backend']}", f"data.num_threads={c['num_threads']}"]
     if c["backend"] == "dali-gpu":
         words.append(f"data.hw_decoder_load={c['hw_decoder_load']:g}")
+    words += [f"data.{k}={_value(v)}" for k, v in _options(c).items()]
     if c["batch_size"] != recipe_batch:
         words.append(f"data.batch_size={c['batch_size']}")
+    if c.get("compile_mode") and c["compile_mode"] != recipe_mode:
+        words.append(f"model.compile_mode={c['compile_mode']}")
     return " ".join(words)
 
 
@@ -415,17 +453,19 @@ def _time_steps(trainer, loader, seconds: float, warmup: int, sync: Callable[[],
 
 
 def bench_tune(a) -> dict:
-    """Real training steps of the recipe's model (compiled as the recipe says) for each input setting of
-    ``tune_candidates``, then the best two at the other batch sizes, and synthetic data at each batch size.
-    One model and optimizer serve every candidate (the trainer's own ``prepare`` and ``train_step``), so
-    the model is compiled once per batch size; the first candidate's warm-up includes that compilation."""
+    """Real training steps of the recipe's model (compiled as the recipe says) in two passes: each input
+    setting of ``tune_candidates`` at the first batch size and compile mode, then the winner at the other
+    batch sizes and compile modes (``second_pass``), with synthetic data at each pair. One model and optimizer
+    per compile mode serve every candidate (the trainer's own ``prepare`` and ``train_step``), so the model is
+    compiled once per batch size and mode; the first candidate's warm-up includes that compilation. Prints
+    the real-data rows ranked and the winner's override line."""
     import dataclasses
     import gc
 
     import torch
 
     from dali_pipes.loader import build_loader
-    from train.config import load_config
+    from train.config import COMPILE_MODES, load_config
     from train.distributed import Dist
     from train.train import Trainer
 
@@ -441,7 +481,7 @@ def bench_tune(a) -> dict:
     if not cuda:
         cfg.data.backend = "dali-cpu"
     recipe_batch = cfg.data.batch_size
-    batches = a.batches or ([recipe_batch, 2 * recipe_batch] if cuda else [recipe_batch])
+    batches = a.batches or ([recipe_batch, recipe_batch * 3 // 2, 2 * recipe_batch] if cuda else [recipe_batch])
     cfg.data.batch_size = batches[0]
     # One static graph per batch size (no dynamic-shape recompile that would time another kernel set).
     torch._dynamo.config.automatic_dynamic_shapes = False
@@ -457,9 +497,23 @@ def bench_tune(a) -> dict:
 
     rows: Dict[str, dict] = {}
     t_start = time.perf_counter()
+    recipe_mode = cfg.model.compile_mode
+    modes = (a.modes or ([recipe_mode] + [m for m in COMPILE_MODES if m != recipe_mode] if cuda else [recipe_mode])
+             if cfg.model.compile else [recipe_mode])
+    tag = (lambda m: {"compile_mode": m}) if cfg.model.compile else (lambda m: {})
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, run_dir, Dist(device=dev))
-        num_classes = trainer.num_classes
+        held = {}  # the one trainer in use: its compile mode and itself
+
+        def trainer_for(mode: str):
+            if held.get("mode") != mode:  # a compile mode is another compiled model: a trainer of its own
+                if held:
+                    held.pop("trainer").close()
+                    release()
+                cfg.model.compile_mode = mode
+                held.update(mode=mode, trainer=Trainer(cfg, os.path.join(run_dir, mode), Dist(device=dev)))
+            return held["trainer"]
+
+        num_classes = trainer_for(modes[0]).num_classes
 
         def run(c: dict) -> dict:
             if c["backend"] == "synthetic":
@@ -467,10 +521,12 @@ def bench_tune(a) -> dict:
                                          synthetic_num_classes=num_classes, synthetic_steps=1000)
             else:
                 dc = dataclasses.replace(cfg.data, backend=c["backend"], num_threads=c["num_threads"],
-                                         hw_decoder_load=c["hw_decoder_load"], batch_size=c["batch_size"])
+                                         hw_decoder_load=c["hw_decoder_load"], batch_size=c["batch_size"],
+                                         **_options(c))
             name = _candidate_name(c)
             t0 = time.perf_counter()
             try:
+                trainer = trainer_for(c.get("compile_mode", recipe_mode))
                 loader, _ = build_loader(dc, 0, 1, "train", device=dev)
                 r = _time_steps(trainer, loader, a.seconds, a.warmup, sync)
                 del loader
@@ -487,34 +543,41 @@ def bench_tune(a) -> dict:
             print(f"  {name:<28} {rate}   ({r['seconds']:.0f} s)", flush=True)
             return r
 
-        def over_budget(limit: float) -> bool:  # never before one real-data candidate has run
-            return bool(a.budget_s) and time.perf_counter() - t_start > limit and any(
-                r["backend"] != "synthetic" and "images_per_s" in r for r in rows.values())
+        def measured():
+            return [r for r in rows.values() if r["backend"] != "synthetic" and "images_per_s" in r]
 
-        for i, b in enumerate(batches):
-            if i and over_budget(a.budget_s):
-                print(f"  batch {b}: skipped, past --budget-s {a.budget_s:g}", flush=True)
-                break
-            first = run({"backend": "synthetic", "num_threads": 0, "hw_decoder_load": 0.0, "batch_size": b})
-            limit = (first_pass_budget(a.budget_s, len(batches), first["seconds"], a.seconds + 3)
-                     if i == 0 else a.budget_s)
-            if i == 0:
-                cands = tune_candidates(cuda, os.cpu_count() or 1, batches, a.threads_list, a.hw_loads)
-            else:  # the two best settings of the first batch size
-                done = sorted((r for r in rows.values() if r["backend"] != "synthetic" and "images_per_s" in r),
-                              key=lambda r: -r["images_per_s"])[:2]
-                cands = [{k: r[k] for k in ("backend", "num_threads", "hw_decoder_load")} for r in done]
-                cands = [dict(c, batch_size=b) for c in cands]
-            for c in cands:
-                if over_budget(limit):
-                    later = ", ".join(map(str, batches[1:]))
-                    why = (f"past {limit:.0f} s: the rest of --budget-s {a.budget_s:g} is kept for batch {later}"
-                           if limit < a.budget_s else f"past --budget-s {a.budget_s:g}")
-                    print(f"  {_candidate_name(c):<28} skipped: {why}", flush=True)
-                    continue
-                run(c)
-        trainer.close()
-    real = [r for r in rows.values() if r["backend"] != "synthetic" and "images_per_s" in r]
+        def over_budget(limit: float) -> bool:  # never before one real-data candidate has run
+            return bool(a.budget_s) and time.perf_counter() - t_start > limit and bool(measured())
+
+        synthetic = {"backend": "synthetic", "num_threads": 0, "hw_decoder_load": 0.0}
+        # First pass: every input setting at the first batch size and compile mode.
+        later = second_pass(modes, batches)
+        first = run(dict(synthetic, batch_size=batches[0], **tag(modes[0])))
+        limit = first_pass_budget(a.budget_s, len(later), first["seconds"], a.seconds + 3)
+        for c in tune_candidates(cuda, os.cpu_count() or 1, batches, a.threads_list, a.hw_loads):
+            c = dict(c, **tag(modes[0]))
+            if over_budget(limit):
+                why = (f"past {limit:.0f} s: the rest of --budget-s {a.budget_s:g} is kept for the second pass"
+                       if limit < a.budget_s else f"past --budget-s {a.budget_s:g}")
+                print(f"  {_candidate_name(c):<28} skipped: {why}", flush=True)
+                continue
+            run(c)
+        # Second pass: the winning input setting at the other batch sizes, then in the other compile modes.
+        win = {k: v for k, v in max(measured(), key=lambda r: r["images_per_s"]).items()
+               if k in ("backend", "num_threads", "hw_decoder_load", "options")}
+        for mode, b in later:
+            if b is None:
+                b = max(measured(), key=lambda r: r["images_per_s"])["batch_size"]
+            what = f"batch {b}" + (f" {mode}" if tag(mode) else "")
+            if over_budget(a.budget_s):
+                print(f"  {what}: skipped, past --budget-s {a.budget_s:g}", flush=True)
+                continue
+            s_row = run(dict(synthetic, batch_size=b, **tag(mode)))
+            if "error" not in s_row:  # out of memory with synthetic data: real data would be too
+                run(dict(win, batch_size=b, **tag(mode)))
+        if held:
+            held["trainer"].close()
+    real = measured()
     if not real:
         raise ValueError("bench tune: no candidate ran (see the errors above)")
     best = max(real, key=lambda r: r["images_per_s"])
@@ -523,13 +586,18 @@ def bench_tune(a) -> dict:
         s = rows.get(_candidate_name(dict(r, backend="synthetic")), {})
         if "images_per_s" in r and s.get("images_per_s"):
             r["over_synthetic"] = r["images_per_s"] / s["images_per_s"]
-    line = override_line(best, recipe_batch)
+    line = override_line(best, recipe_batch, recipe_mode)
+    print("ranked (real data):")
+    for i, r in enumerate(sorted(real, key=lambda r: -r["images_per_s"]), 1):
+        ratio = f"{r['over_synthetic']:.2f}x synthetic" if "over_synthetic" in r else ""
+        print(f"  {i:2d}. {_candidate_name(r):<44} {r['images_per_s']:9,.0f} img/s  data wait "
+              f"{r['data_wait_share']:5.1%}  {ratio}")
     print(f"fastest: {_candidate_name(best)}: {best['images_per_s']:,.0f} images/s"
           + (f" ({best['over_synthetic']:.2f}x synthetic {synth['images_per_s']:,.0f})" if "over_synthetic" in best else ""))
     print(f"override: {line}")
     return {"mode": "tune", "recipe": recipe, "model": cfg.model.name, "compile": cfg.model.compile,
-            "amp": cfg.train.amp, "num_classes": num_classes, "override": line, "best": _candidate_name(best),
-            "seconds": round(time.perf_counter() - t_start, 1), "candidates": rows,
+            "compile_modes": modes, "amp": cfg.train.amp, "num_classes": num_classes, "override": line,
+            "best": _candidate_name(best), "seconds": round(time.perf_counter() - t_start, 1), "candidates": rows,
             "env": environment(batches[0], None)}
 
 
@@ -602,6 +670,89 @@ def bench_predict(a) -> dict:
     return res
 
 
+# ---- ocr: tools.ocr's reader per detector size, its CPU cost and word accuracy on generated titles -------
+COMPETITION_IMAGES = {"train": 12_371_293, "test": 3_095_080}
+
+
+def _title_words(titles_csv: Optional[str]) -> Dict[tuple, List[str]]:
+    if not titles_csv:
+        return {}
+    import csv
+
+    with open(titles_csv, newline="") as f:
+        return {(int(r["_id"]), int(r["image_index"])): r["title"].split() for r in csv.DictReader(f)}
+
+
+def _word_accuracy(reads: List[List[str]], keys: List[tuple], titles: Dict[tuple, List[str]]) -> dict:
+    """Share of the printed words found in what was read (spaces ignored: the recognizer often drops them),
+    accents folded (PP-OCRv4 has none) and as printed, for words with and without accents."""
+    from dali_pipes.ocr_files import normalize_word
+    from tools.synthetic_text import has_accent
+
+    hits = {"plain": [0, 0], "accented": [0, 0], "accented_as_printed": [0, 0]}
+    other_with_text = others = 0
+    for words, key in zip(reads, keys):
+        want = titles.get(key)
+        if want is None:
+            others += 1
+            other_with_text += bool(words)
+            continue
+        folded = "".join(normalize_word(w) for w in words)
+        raw = "".join(words).lower()
+        for w in want:
+            kind = "accented" if has_accent(w) else "plain"
+            hits[kind][0] += normalize_word(w) in folded
+            hits[kind][1] += 1
+            if kind == "accented":
+                hits["accented_as_printed"][0] += w.lower() in raw
+                hits["accented_as_printed"][1] += 1
+    out = {k: v[0] / v[1] if v[1] else None for k, v in hits.items()}
+    n_all = hits["plain"][1] + hits["accented"][1]
+    out["all"] = (hits["plain"][0] + hits["accented"][0]) / n_all if n_all else None
+    out["words"] = n_all
+    out["other_pictures_with_text"] = other_with_text / others if others else None
+    return out
+
+
+def bench_ocr(a) -> dict:
+    from tools.ocr import Reader, decode_bgr, read_range
+    from dali_pipes.dataset import open_dataset
+    from dali_pipes.ocr_files import image_shards
+
+    ds = open_dataset(a.data)
+    recs = []
+    for _, info in image_shards(ds):
+        recs += read_range(os.path.join(ds.root, info["path"]), os.path.join(ds.root, info["index"]), 0,
+                           a.images - len(recs))
+        if len(recs) >= a.images:
+            break
+    imgs = [decode_bgr(r["image"]) for r in recs]
+    keys = [(r["product_id"], r["image_index"]) for r in recs]
+    titles = _title_words(a.titles)
+    res: Dict[str, object] = {"images": len(imgs), "titled_images": sum(k in titles for k in keys)}
+    for det in a.det_sizes:
+        for cls in ([False, True] if a.angle_cls else [False]):
+            reader = Reader(det, "cpu", cls, threads=1, rec_batch=a.rec_batch)
+            reader.read(imgs[:2])  # warm-up
+            c0 = time.process_time()
+            for im in imgs:
+                reader.det(im)
+            det_s = time.process_time() - c0
+            c0 = time.process_time()
+            reads = []
+            for i in range(0, len(imgs), a.batch):
+                reads += [w for w, _ in reader.read(imgs[i:i + a.batch])]
+            total_s = time.process_time() - c0
+            per = total_s / len(imgs)
+            name = f"det{det}" + ("_cls" if cls else "")
+            res[name] = {"cpu_ms_per_image": per * 1e3, "detector_ms": det_s / len(imgs) * 1e3,
+                         "images_per_cpu_s": 1 / per,
+                         "projected_cpu_hours": {k: n * per / 3600 for k, n in COMPETITION_IMAGES.items()},
+                         "word_accuracy": _word_accuracy(reads, keys, titles) if titles else None}
+    res["env"] = environment(batch=a.batch, threads=1)
+    return res
+
+
 # ---- command line ------------------------------------------------------------------------------------
 def _common(p, data_required=True):
     p.add_argument("--data", required=data_required, help="a repacked DATA directory")
@@ -614,6 +765,7 @@ def _common(p, data_required=True):
 
 def build_parser() -> argparse.ArgumentParser:
     from tools import predict as predict_cli  # its --tiled and --weight syntax
+    from train.config import COMPILE_MODES
 
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -644,10 +796,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="recipe whose model, amp, compile and data settings are used "
                                     "(default: resnet50 with a GPU, demo without)")
     p.add_argument("--model", help="model.name instead of the recipe's")
-    p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: the recipe's and twice it on "
-                                                           "a GPU); the first one tries every setting")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: the recipe's, 1.5x and twice it "
+                                                           "on a GPU); the first one tries every setting")
     p.add_argument("--threads-list", type=int, nargs="+", help="DALI thread counts to try")
     p.add_argument("--hw-loads", type=float, nargs="+", help="dali-gpu hw_decoder_load values (default 0 0.5 1)")
+    p.add_argument("--modes", nargs="+", choices=COMPILE_MODES,
+                   help="torch.compile modes of the second pass, the first also of the first pass (default: the "
+                        "recipe's, then the others, on a GPU with model.compile; else the recipe's)")
     p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per candidate")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per candidate")
     p.add_argument("--budget-s", type=float, default=0, help="start no new candidate after this many seconds "
@@ -669,6 +824,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="where the models run, whatever the backend; default: cuda when available")
     p.add_argument("--tta", choices=["none", "flip"], default="none")
+    p = sub.add_parser("ocr", help="tools.ocr's CPU ms per picture (one thread) per detector size, and its word "
+                                   "accuracy on make_synthetic --text-categories titles")
+    p.add_argument("--data", required=True, help="a repacked DATA directory")
+    p.add_argument("--titles", help="image_titles.csv of the generated set (word accuracy)")
+    p.add_argument("--images", type=int, default=256, help="pictures taken from the shards, in order")
+    p.add_argument("--det-sizes", type=int, nargs="+", default=[736, 192], help="detector input sizes")
+    from tools.ocr import DEFAULT_BATCH as OCR_BATCH, DEFAULT_REC_BATCH
+
+    p.add_argument("--batch", type=int, default=OCR_BATCH, help="pictures whose text boxes are recognized together")
+    p.add_argument("--rec-batch", type=int, default=DEFAULT_REC_BATCH, help="text boxes per recognizer call (padded to the "
+                                                             "widest)")
+    p.add_argument("--angle-cls", action="store_true", help="also time each size with the angle classifier")
+    p.add_argument("--json")
     p = sub.add_parser("repack", help="repack throughput next to a bare BSON scan")
     p.add_argument("--bson", required=True)
     p.add_argument("--categories", required=True)
@@ -683,20 +851,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 MODES = {"baseline": bench_baseline, "repack": bench_repack, "loader": bench_loader, "train": bench_train,
          "tune": bench_tune,
-         "predict": bench_predict}
+         "predict": bench_predict, "ocr": bench_ocr}
 
 
 @interruptible("bench")
 def main(argv=None) -> int:
     from dali_pipes.dataset import DatasetError
     from dali_pipes.writer.repack import RepackError
+    from tools.ocr import OcrUnavailable
     from train.predict import PredictError
 
     a = build_parser().parse_args(argv)
     print(f"bench {a.mode}:")
     try:
         result = MODES[a.mode](a)
-    except (DatasetError, RepackError, PredictError, ValueError) as e:
+    except (DatasetError, RepackError, PredictError, OcrUnavailable, ValueError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     report(result, a.json)

@@ -1,7 +1,7 @@
 """Write a synthetic Cdiscount-format set: train.bson, test.bson, category_names.csv, test_answers.csv.
 
     python -m tools.make_synthetic --out DIR [--products N] [--test-products N] [--categories C] [--seed S]
-        [--label-noise P] [--duplicates F] [--order shuffled|sorted]
+        [--label-noise P] [--duplicates F] [--order shuffled|sorted] [--text-categories N]
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--order", choices=["shuffled", "sorted"], default="shuffled",
                     help="train.bson's document order: shuffled (as generated, default) or sorted by category_id, "
                          "as a catalogue export often is (the same documents)")
+    ap.add_argument("--text-categories", type=int, default=0, metavar="N",
+                    help="make the last N categories book covers of one look, told apart only by their printed "
+                         "French titles (listed per picture in image_titles.csv; default 0)")
     args = ap.parse_args(argv)
     if args.products < 0 or args.test_products < 0:
         ap.error("product counts must be >= 0")
@@ -41,16 +44,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("--label-noise must be in [0, 1]")
     if not 0.0 <= args.duplicates <= 1.0:
         ap.error("--duplicates must be in [0, 1]")
+    from tools.synthetic_text import MAX_TEXT_CATEGORIES
+
+    if not 0 <= args.text_categories <= min(args.categories, MAX_TEXT_CATEGORIES):
+        ap.error(f"--text-categories must be in [0, {min(args.categories, MAX_TEXT_CATEGORIES)}] (at most "
+                 f"--categories and {MAX_TEXT_CATEGORIES})")
 
     from tools import synthetic
 
     kw = {} if args.quality is None else {"quality": args.quality}
     r = synthetic.make_dataset(args.out, products=args.products, test_products=args.test_products,
                                categories=args.categories, seed=args.seed, workers=args.workers,
-                               label_noise=args.label_noise, duplicates=args.duplicates, order=args.order, **kw)
+                               label_noise=args.label_noise, duplicates=args.duplicates, order=args.order,
+                               text_categories=args.text_categories, **kw)
     images = r["train_images"] + r["test_images"]
     print(f"wrote {os.path.abspath(args.out)}")
-    for key in ("train_bson", "test_bson", "category_names", "test_answers", "label_noise", "duplicates"):
+    for key in ("train_bson", "test_bson", "category_names", "test_answers", "label_noise", "duplicates", "titles"):
         if key in r:
             print(f"  {os.path.basename(r[key]):<22} {os.path.getsize(r[key]) / 1e6:9.2f} MB")
     if "label_noise" in r:
@@ -59,6 +68,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "duplicates" in r:
         print(f"duplicates: {r['duplicate_products']} test products copy a train product's images "
               f"(listed in {os.path.basename(r['duplicates'])})")
+    if "titles" in r:
+        print(f"text categories: the last {args.text_categories} (LIBRAIRIE > LITTERATURE), told apart by their "
+              f"titles (listed per picture in {os.path.basename(r['titles'])})")
     print(f"products: {r['train_products']} train, {r['test_products']} test; categories: {r['categories']}; "
           f"images: {images} (mean {r['mean_jpeg_bytes'] / 1e3:.2f} kB)")
     print(f"total {r['bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s "

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 import bson
 
 from dali_pipes.fileio import atomic_open
+from tools import synthetic_text
 
 SIZE = 180
 JPEG_QUALITY = 88
@@ -393,13 +394,41 @@ def make_jpeg(
     return encode_jpeg(im, quality=quality, progressive=progressive, mode=mode)
 
 
-def _render_chunk(args: Tuple[np.ndarray, np.ndarray, int]) -> List[bytes]:
-    params, styles, quality = args
+def _render_chunk(args: Tuple) -> List[bytes]:
+    """JPEGs of a chunk: ``(params, styles, quality)``, and with text categories a 4th item, the
+    ``{image row: (title, layout)}`` of the chunk's covers."""
+    params, styles, quality = args[:3]
+    covers = args[3] if len(args) > 3 else {}
     out = []
-    for p in params.tolist():
-        style = styles[int(p[0])].tolist()
-        out.append(encode_jpeg(_render(p, style), quality=quality))
+    for i, p in enumerate(params.tolist()):
+        cover = covers.get(i)
+        im = _render(p, styles[int(p[0])].tolist()) if cover is None else synthetic_text.render_cover(p, *cover)
+        out.append(encode_jpeg(im, quality=quality))
     return out
+
+
+class _TextSpec:
+    """The text categories of a set (the last ``n`` of ``categories``): draws each chunk's titles and
+    layouts from a stream of its own (so the other pictures are the same with or without text categories)
+    and records the title of each product (``titles``: id -> (title, images))."""
+
+    def __init__(self, categories: int, n: int, rng: np.random.Generator):
+        self.first, self.rng = categories - n, rng
+        self.vocab = synthetic_text.vocabularies(n)
+        self.titles: Dict[int, Tuple[str, int]] = {}
+
+    def draw(self, ids: np.ndarray, labels: np.ndarray, n_imgs: np.ndarray) -> Dict[int, tuple]:
+        rows = np.concatenate([[0], np.cumsum(n_imgs)])
+        which = np.flatnonzero(labels >= self.first)
+        titles = synthetic_text.draw_titles(self.rng, labels[which] - self.first, self.vocab)
+        layouts = synthetic_text.draw_layouts(self.rng, int(n_imgs[which].sum()))
+        covers, k = {}, 0
+        for j, title in zip(which.tolist(), titles):
+            self.titles[int(ids[j])] = (title, int(n_imgs[j]))
+            for row in range(int(rows[j]), int(rows[j + 1])):
+                covers[row] = (title, layouts[k].tolist())
+                k += 1
+        return covers
 
 
 # ---- file writing -------------------------------------------------------------------------------
@@ -453,16 +482,22 @@ def _split_products(rng, products, test_products, categories):
     return (ids[~is_test], train_labels, n_img_train), (ids[is_test], test_labels, n_img_test)
 
 
-def _product_docs(ids, labels, n_imgs, cat_ids, rng, styles, with_category, quality, pool, stats, doc_labels=None):
+def _product_docs(ids, labels, n_imgs, cat_ids, rng, styles, with_category, quality, pool, stats, doc_labels=None,
+                  text=None):
     """Yield BSON documents, rendering images chunk by chunk (in a pool when given, order kept).
 
-    Images show ``labels``; the documents' ``category_id`` is that of ``doc_labels`` (default ``labels``)."""
+    Images show ``labels``; the documents' ``category_id`` is that of ``doc_labels`` (default ``labels``).
+    ``text`` (a ``_TextSpec``) prints titles on the products of the text categories and records them."""
     doc_labels = labels if doc_labels is None else doc_labels
 
     def jobs():
         for a in range(0, len(ids), _CHUNK):
             z = min(a + _CHUNK, len(ids))
-            yield _draw_params(rng, labels[a:z], n_imgs[a:z], styles), styles, quality
+            params = _draw_params(rng, labels[a:z], n_imgs[a:z], styles)
+            if text is None:
+                yield params, styles, quality
+            else:
+                yield params, styles, quality, text.draw(ids[a:z], labels[a:z], n_imgs[a:z])
 
     results = pool.imap(_render_chunk, jobs()) if pool is not None else map(_render_chunk, jobs())
     for a, jpegs in zip(range(0, len(ids), _CHUNK), results):
@@ -541,6 +576,33 @@ def _copy_images(docs: Iterable[dict], copy_from: Dict[int, int], store: Dict[in
         yield d
 
 
+def _with_text_categories(table, styles, n: int):
+    """The category table and looks with the last ``n`` categories made text categories: one family
+    (``LIBRAIRIE > LITTERATURE``) and one look (a blue cover, yellow accent); ids and the rest unchanged."""
+    table, styles = list(table), styles.copy()
+    first = len(table) - n
+    for k in range(n):
+        table[first + k] = (table[first + k][0], synthetic_text.TEXT_LEVEL1, synthetic_text.TEXT_LEVEL2,
+                            f"ROMAN - SERIE {k + 1}")
+    styles[first:] = (SHAPES.index("box"), 2, 0, 3)
+    return table, styles
+
+
+def _title_rows(texts, copy_from: Dict[int, int]):
+    """``image_titles.csv`` rows: train pictures, then test ones (a copied test product shows its train
+    product's pictures, so its title)."""
+    train, test = texts[0].titles, texts[1].titles
+    for split, titles in (("train", train), ("test", test)):
+        for pid in sorted(titles):
+            title, n = titles[pid]
+            if split == "test" and pid in copy_from:
+                if copy_from[pid] not in train:
+                    continue  # the copy shows a picture of another category: no title
+                title, n = train[copy_from[pid]]
+            for j in range(n):
+                yield pid, j, split, title
+
+
 ORDERS = ("shuffled", "sorted")  # of the train documents in train.bson
 
 
@@ -555,6 +617,7 @@ def make_dataset(
     label_noise: float = 0.0,
     duplicates: float = 0.0,
     order: str = "shuffled",
+    text_categories: int = 0,
 ) -> Dict[str, object]:
     """Write a synthetic Cdiscount-format set into ``out``; returns paths and counts.
 
@@ -573,6 +636,11 @@ def make_dataset(
     written (ties in generated order), as a catalogue export sorted by category is: the worst case for a
     loader that reads in file order. The train documents are then held in memory until written (about the
     size of train.bson).
+
+    ``text_categories`` N > 0: the last N categories are book covers of one look in one level-2 family
+    (``synthetic_text``), told apart only by their printed titles; ``image_titles.csv`` (key ``titles``)
+    lists the title of every picture of them (``_id``, ``image_index``, ``split``, ``title``). The other
+    categories, and every file with N = 0, are the same as without the option.
     """
     if products < 0 or test_products < 0:
         raise ValueError("product counts must be >= 0")
@@ -584,12 +652,21 @@ def make_dataset(
         raise ValueError("categories must be >= 1")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
+    if not 0 <= text_categories <= min(categories, synthetic_text.MAX_TEXT_CATEGORIES):
+        raise ValueError(f"text_categories must be in [0, {min(categories, synthetic_text.MAX_TEXT_CATEGORIES)}] "
+                         f"(at most the number of categories and {synthetic_text.MAX_TEXT_CATEGORIES}), "
+                         f"not {text_categories}")
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     meta_rng, train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     table = category_table(categories)
     cat_ids = np.array([r[0] for r in table], dtype=np.int64)
     styles = category_styles(categories)
+    texts = [None, None]
+    if text_categories:
+        table, styles = _with_text_categories(table, styles, text_categories)
+        texts = [_TextSpec(categories, text_categories, np.random.default_rng([seed, 0x7E47, part]))
+                 for part in (0, 1)]
     (tr_ids, tr_lab, tr_n), (te_ids, te_lab, te_n) = _split_products(meta_rng, products, test_products, categories)
     tr_doc_lab = tr_lab
     if label_noise > 0:
@@ -618,12 +695,13 @@ def make_dataset(
         te_stats = {"images": 0, "jpeg_bytes": 0}
         train_docs = _keep_images(
             _product_docs(tr_ids, tr_lab, tr_n, cat_ids, train_rng, styles, True, quality, pool, tr_stats,
-                          tr_doc_lab), set(copy_from.values()), kept)
+                          tr_doc_lab, texts[0]), set(copy_from.values()), kept)
         if order == "sorted":
             train_docs = sorted(train_docs, key=lambda d: d["category_id"])
         write_bson(paths["train_bson"], train_docs)
         write_bson(paths["test_bson"], _copy_images(
-            _product_docs(te_ids, te_lab, te_n, cat_ids, test_rng, styles, False, quality, pool, te_stats),
+            _product_docs(te_ids, te_lab, te_n, cat_ids, test_rng, styles, False, quality, pool, te_stats,
+                          text=texts[1]),
             copy_from, kept, te_stats))
     finally:
         if pool is not None:
@@ -639,6 +717,9 @@ def make_dataset(
     if duplicates > 0:
         paths["duplicates"] = os.path.join(out, DUPLICATES_FILE)
         write_csv(paths["duplicates"], DUPLICATES_HEADER, sorted(copy_from.items()))
+    if text_categories:
+        paths["titles"] = os.path.join(out, synthetic_text.TITLES_FILE)
+        write_csv(paths["titles"], synthetic_text.TITLES_HEADER, _title_rows(texts, copy_from))
     n_img = tr_stats["images"] + te_stats["images"]
     result: Dict[str, object] = dict(paths)
     result.update(

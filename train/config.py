@@ -27,6 +27,9 @@ EARLY_STOP_METRICS = ("product_acc", "image_acc")
 AUX_LEVELS = (1, 2)  # hierarchy levels with a head of their own (dali_pipes.dataset.LEVELS)
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile(mode=...)
+
+
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the key (and the file)."""
 
@@ -38,6 +41,9 @@ class ModelConfig:
     pretrained: Optional[str] = None  # local path to trunk weights; never downloaded
     channels_last: bool = True  # NHWC memory format for the model and its input
     compile: bool = False  # torch.compile the (DDP-wrapped) model
+    # torch.compile's mode: default | max-autotune-no-cudagraphs | reduce-overhead (CUDA graphs of forward
+    # and backward; the fused Adam step stays outside them); `bench tune` tries them on a GPU
+    compile_mode: str = "default"
     sync_bn: bool = False  # SyncBatchNorm across ranks (only with more than one process)
     aux_levels: List[int] = field(default_factory=list)  # hierarchy heads: [1, 2] adds a head per level
 
@@ -98,6 +104,9 @@ class Config:
         self.data.validate()
         if self.model.head not in HEADS:
             raise ConfigError(f"model.head must be one of {', '.join(HEADS)}, not {self.model.head!r}")
+        if self.model.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, not "
+                              f"{self.model.compile_mode!r}")
         lv = self.model.aux_levels
         if any(v not in AUX_LEVELS for v in lv) or len(set(lv)) != len(lv):
             raise ConfigError(f"model.aux_levels must list distinct levels out of {list(AUX_LEVELS)} "

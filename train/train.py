@@ -32,6 +32,7 @@ from models import AUX_HEADS, create_model, param_groups
 
 from . import checkpoint, resume
 from .config import Config, ConfigError, dump_yaml, resolve_run, to_dict
+from .cpus import apply_cpu_share
 from .distributed import (Dist, all_gather_object, all_reduce, barrier, catch_stop_signals, cleanup, lost_contact,
                           setup, stop_signal)
 from .evaluate import evaluate
@@ -101,6 +102,7 @@ class Trainer:
         self._saved_step = -1
         self._run_lock = None
         self._check_combination()
+        self._share_cpus()
         self._set_determinism()
         cfg.data.backend = resolve_backend(cfg.data.backend, note=self.note)
         cfg.train.amp = resolve_amp(cfg.train.amp, self.dev, note=self.note)  # RUN/config.yaml records it
@@ -138,6 +140,13 @@ class Trainer:
                               "torch.compile breaks its graph at every SyncBatchNorm under DDP (open upstream "
                               "problems), so the pair runs slower than either alone or fails. Set "
                               "model.compile=false or model.sync_bn=false")
+
+    def _share_cpus(self) -> None:
+        """This rank's own cores for its DALI and torch threads (``train.cpus``), before any of them start;
+        ``train.num_threads``, where set, still decides torch's thread count (``_set_determinism``)."""
+        dc, local_world = self.cfg.data, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        apply_cpu_share(dc.cpu_share, dc.cpu_reserve, self.d.local_rank, local_world,
+                        torch_threads=not self.cfg.train.num_threads, note=self.note)
 
     def _set_determinism(self) -> None:
         tc = self.cfg.train
@@ -270,8 +279,12 @@ class Trainer:
         d = self.d
         model = (DDP(self.raw, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
                      gradient_as_bucket_view=True) if d.enabled else self.raw)
-        self.model = torch.compile(model) if self.cfg.model.compile else model
+        mc = self.cfg.model
+        self.model = torch.compile(model, mode=mc.compile_mode) if mc.compile else model
         self._compile_pending = bool(self.cfg.model.compile)  # compiled lazily, on the first step
+        # CUDA graphs replay into the same output memory: each step tells them that a new step begins, so the
+        # previous step's outputs (already summed into the statistics) may be overwritten
+        self._cudagraphs = bool(mc.compile) and mc.compile_mode == "reduce-overhead"
 
     def _level_maps(self) -> Dict[str, tuple]:
         """``{"level1": (level classes, class -> level class on the device), ...}`` for model.aux_levels."""
@@ -345,6 +358,8 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if self._compile_pending:
             return self._first_compiled_step(images, labels)
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast():
             outputs = self.model(images, aux=True) if self.level_maps else self.model(images)
             loss, logits = self.compute_loss(outputs, labels)

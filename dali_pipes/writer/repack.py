@@ -25,8 +25,9 @@ import bson
 import numpy as np
 
 from ..fileio import Progress, atomic_open, atomic_write_text, csv_text, temp_target
+from ..ocr_files import remove_ocr_files
 from ..records import (CLASSES_FILE, FORMAT_VERSION, HASHES_FILE, IMAGE_FEATURES, MANIFEST, MAX_K, PRODUCTS_FILE,
-                       QUARANTINE_FILE, REPACK_MARKER, SPLIT_DIRS, product_features)
+                       OCR_DIR, QUARANTINE_FILE, REPACK_MARKER, SPLIT_DIRS, product_features)
 from .bson_io import MAX_DOC_BYTES, BsonFileError, OffsetIndex, scan_offsets
 from .exclude import ExcludeError, read_exclude
 from .jpeg_check import DEFAULT_MAX_SIDE, DEFAULT_VERIFY, VERIFY_MODES, make_check
@@ -488,7 +489,9 @@ def _remove_own_files(out: str, temporaries_only: bool = False) -> None:
 
     for name in os.listdir(out):
         path = os.path.join(out, name)
-        if name in SPLIT_DIRS and os.path.isdir(path) and not os.path.islink(path):
+        if name == OCR_DIR and os.path.isdir(path) and not os.path.islink(path):
+            remove_ocr_files(path, temporaries_only)  # tools.ocr's files go with the data they were read from
+        elif name in SPLIT_DIRS and os.path.isdir(path) and not os.path.islink(path):
             for root, dirs, files in os.walk(path, topdown=False):
                 for f in files:
                     if ours(f, _SHARD_FILE.fullmatch):
