@@ -32,7 +32,7 @@ class DataConfig:
     image_size: int = 180  # pictures whose shorter side differs are resized to it (aspect kept) before the crop
     crop: int = 160  # side of the random (train) or center (eval) crop
     eval_crop: bool = True  # eval: center crop of `crop` (True) or the full image (False)
-    tiled_k: int = 0  # 0: image shards; 2..4: tiled product shards products/k{K}
+    tiled_k: int = 0  # 0: image shards; 1: single-image products (products/k1); 2..4: tiled products/k{K}
     num_threads: int = 4  # DALI CPU threads per pipeline
     prefetch: int = 2  # DALI prefetch queue depth
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (A100/H100), dali-gpu only
@@ -63,8 +63,9 @@ class DataConfig:
             raise ValueError(f"data.backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.crop > self.image_size:
             raise ValueError(f"data.crop ({self.crop}) is larger than data.image_size ({self.image_size})")
-        if self.tiled_k not in (0, 2, 3, 4):
-            raise ValueError(f"data.tiled_k must be 0 (single images) or 2, 3, 4, not {self.tiled_k}")
+        if self.tiled_k not in (0, 1, 2, 3, 4):
+            raise ValueError(f"data.tiled_k must be 0 (every image), 1 (the single-image products, products/k1) "
+                             f"or 2, 3, 4 (products of K images tiled), not {self.tiled_k}")
         if self.batch_size < 1:
             raise ValueError("data.batch_size must be >= 1")
         if self.shuffle not in SHUFFLES:

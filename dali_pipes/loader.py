@@ -18,7 +18,8 @@ Backends ``dali-gpu`` (decode and augment on the GPU), ``dali-cpu`` (all on the 
   per-picture size check at all (``loader.resize_check`` is False); older DATA directories keep it. In that
   case dali-cpu cuts the window in the JPEG decoder and the loader mirrors the drawn pictures itself
   (``loader.flips_here``; ``pipelines.apply_flips``, on the GPU when batches go there): same pixels.
-  ``cfg.tiled_k`` in 2..4 reads the product shards and tiles the K crops: W x K (K=2, 3) or 2x2. The
+  ``cfg.tiled_k`` in 1..4 reads the product shards and tiles the K crops: W x K (K=2, 3) or 2x2 (K=1:
+  the single-image products, one picture each, as the upsized fine-tunes read them). The
   normalization (mean/std of the model's trunk, compute dtype, NCHW channels_last view) is the model's
   first step (``models.heads.Net.prepare_input``), on the training device. Labels: int64 ``(N,)``, -1 for
   unlabelled data. Synthetic batches have the same shapes, layout and dtype.

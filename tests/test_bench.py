@@ -203,16 +203,28 @@ def test_train_synthetic_only(tmp_path):
 
 
 def test_predict(trained_demo, tmp_path, ticks):
+    import torch
+
     test_bson = trained_demo["raw"] / "test.bson"
+    ck = torch.load(trained_demo["ckpt"], map_location="cpu", weights_only=True)
+    ck["config"]["data"].update(tiled_k=1, crop=96)  # an upsized member: a second picture setting
+    torch.save(ck, tmp_path / "k1.pt")
     res = run_mode(tmp_path, "predict", "--bson", str(test_bson), "--checkpoint", trained_demo["ckpt"],
-                   "--batch", "32", "--threads", "1", "--seconds", "1", "--forward-batches", "3", "--tmp", str(tmp_path))
+                   "--tiled", f"1={tmp_path / 'k1.pt'}", "--batch", "32", "--threads", "1", "--seconds", "1",
+                   "--forward-batches", "3", "--tmp", str(tmp_path))
     products, images = bson_counts(test_bson)
+    from dali_pipes.writer.bson_io import iter_products
+
+    singles = sum(len(d["imgs"]) == 1 for d in iter_products(str(test_bson)))
+    settings = res["end_to_end"]["settings"]
+    assert {k: (v["kind"], v["products"]) for k, v in settings.items()} == {
+        "images 180/80": ("images", products), "K=1 180/96": ("upsized", singles)}
     assert res["mode"] == "predict" and (res["products"], res["images"]) == (products, images)
     # the repack and the end-to-end run each take one tick: their rates are the BSON's products and images
     assert res["repack"] == {"seconds": 1.0, "products_per_s": products, "images_per_s": images}
     assert (res["images_per_s"], res["products_per_s"], res["end_to_end"]["seconds"]) == (images, products, 1.0)
     # forward-only: the 3 kept batches of 32, one pass in one tick
-    assert res["forward_only"] == {"images_per_s": 96.0, "batches": 3, "images": 96}
+    assert res["forward_only"] == {"images_per_s": 96.0, "batches": 3, "images": 96, "models": 1}
     assert res["end_to_end_over_forward_only"] == pytest.approx(images / 96)
     assert 0 <= res["end_to_end"]["data_wait_share"] <= 1
     assert not [p for p in os.listdir(tmp_path) if p.startswith("predict-")]  # the repack was cleaned up

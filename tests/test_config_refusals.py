@@ -10,7 +10,7 @@ from train.config import ConfigError, load_config
 REFUSED = [
     ("data.crop=200", "data.crop (200) is larger than data.image_size (180)"),  # image_size 180 by default
     ("data.tiled_k=5", "data.tiled_k must be 0"),
-    ("data.tiled_k=1", "data.tiled_k must be 0"),
+    ("data.tiled_k=-1", "data.tiled_k must be 0"),
     ("data.batch_size=0", "data.batch_size must be >= 1"),
     ("data.crop=0", "data.crop must be >= 1"),
     ("data.backend=gpu", "data.backend must be one of"),
@@ -40,7 +40,7 @@ def test_refused(override, message):
     assert message in str(e.value) and override in str(e.value)
 
 
-ACCEPTED = ["data.crop=180", "data.tiled_k=0", "data.tiled_k=4", "data.batch_size=1", "train.epochs=0.01",
+ACCEPTED = ["data.crop=180", "data.tiled_k=0", "data.tiled_k=1", "data.tiled_k=4", "data.batch_size=1", "train.epochs=0.01",
             "train.ckpt_every_steps=0", "optim.warmup_start=1", "optim.lr_schedule=[[0, 1.0e-3], [0.5, 1.0e-4]]"]
 
 

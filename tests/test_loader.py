@@ -178,7 +178,7 @@ def test_unlabelled_test_data_for_eval(test_data_dir):
     assert list(dict.fromkeys(pids)) == order  # products in file order, images together
 
 
-@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_tiled_loader(data_dir, k):
     ds = open_dataset(str(data_dir))
     want = [r["product_id"] for p in ds.shards("val", k)[0] for r in read_examples(p)]

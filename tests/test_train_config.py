@@ -10,7 +10,7 @@ from train.config import (ConfigError, apply_override, dump_yaml, from_dict, lis
 from train.schedule import StepSchedule
 
 RECIPES = ["resnet34", "resnet50", "resnet101", "resnet152", "inception_resnet_v2", "inception_v4",
-           "densenet161", "densenet169", "dpn92", "finetune_k2", "finetune_k3", "finetune_k4", "demo"]
+           "densenet161", "densenet169", "dpn92", "finetune_k2", "finetune_k3", "finetune_k4", "finetune_k1_224", "finetune_k1_299", "demo"]
 
 
 def write(tmp_path, text, name="r.yaml"):
@@ -28,6 +28,10 @@ def test_every_recipe_loads_and_names_a_registered_model():
     for k in (2, 3, 4):
         cfg = load_config(f"finetune_k{k}")
         assert cfg.data.tiled_k == k and cfg.train.init_from
+    for size, crop in ((224, 200), (299, 266)):  # upsized: the single-image products, crops at the 160/180 ratio
+        cfg = load_config(f"finetune_k1_{size}")
+        assert (cfg.data.tiled_k, cfg.data.image_size, cfg.data.crop) == (1, size, crop) and cfg.train.init_from
+        assert abs(size * 160 / 180 - crop) < 1  # 199.1 and 265.8, rounded as the issue gives them
 
 
 def test_unknown_key_is_an_error_naming_it(tmp_path):

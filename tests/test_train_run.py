@@ -436,7 +436,8 @@ def test_early_stop_rule_and_nonfinite_loss_end_the_run(data_dir, tmp_path):
 
 
 # ---- fine-tuning from a checkpoint ----------------------------------------------------------------------
-def test_finetune_on_tiled_products_starts_from_init_checkpoint(data_dir, tmp_path):
+def _seed_checkpoint(data_dir, path):
+    """A fresh tiny model of DATA's class map, saved as a seed run's checkpoint (step 7)."""
     import csv
 
     from models import create_model
@@ -445,11 +446,16 @@ def test_finetune_on_tiled_products_starts_from_init_checkpoint(data_dir, tmp_pa
         category_ids = [int(r["category_id"]) for r in csv.DictReader(f)]
     torch.manual_seed(0)
     seed = create_model("tiny", len(category_ids), head="first")
-    init = str(tmp_path / "seed.pt")
     checkpoint.save({"format": checkpoint.FORMAT, "model": seed.state_dict(), "model_name": "tiny",
                      "num_classes": len(category_ids), "category_ids": category_ids, "step": 7,
                      "config": {"model": {"head": "first"}}, "best": {"metric": 0.5, "step": 7},
-                     "input_norm": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}, init)
+                     "input_norm": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}, path)
+    return seed, category_ids
+
+
+def test_finetune_on_tiled_products_starts_from_init_checkpoint(data_dir, tmp_path):
+    init = str(tmp_path / "seed.pt")
+    seed, category_ids = _seed_checkpoint(data_dir, init)
     common = ["--data", data_dir, "model.name=tiny", "data.crop=64", "data.batch_size=4", "data.num_threads=1",
               "train.max_steps=2", "train.amp=off", "train.tensorboard=false"]
     run = tmp_path / "k2"
@@ -466,6 +472,24 @@ def test_finetune_on_tiled_products_starts_from_init_checkpoint(data_dir, tmp_pa
     checkpoint.save({**checkpoint.load(init), "category_ids": category_ids[::-1]}, init)
     p = run_sh("finetune_k2", "--out", tmp_path / "refused", *common, f"train.init_from={init}", check=False)
     assert p.returncode == 2 and "class map differs" in p.stderr
+
+
+def test_upsized_finetune_trains_on_the_single_image_products_enlarged(data_dir, tmp_path):
+    """finetune_k1_224 (its sizes kept, a tiny model): one epoch is the products/k1 train records, each
+    picture resized from 180 to 224 and cut to 200."""
+    from dali_pipes.dataset import open_dataset
+
+    init = str(tmp_path / "seed.pt")
+    _seed_checkpoint(data_dir, init)
+    run = tmp_path / "k1"
+    run_sh("finetune_k1_224", "--out", run, "--data", data_dir, "model.name=tiny", "model.compile=false",
+           "data.backend=dali-cpu", "data.batch_size=4", "data.num_threads=1", "train.max_steps=1", "train.amp=off",
+           "train.tensorboard=false", f"train.init_from={init}")
+    ck = checkpoint.load(str(run / "last.pt"))
+    ds = open_dataset(str(data_dir))
+    assert ck["steps_per_epoch"] == ds.num_records("train", 1) // 4 < ds.num_records("train") // 4
+    assert {k: ck["config"]["data"][k] for k in ("tiled_k", "image_size", "crop")} == \
+        {"tiled_k": 1, "image_size": 224, "crop": 200}
 
 
 

@@ -820,12 +820,13 @@ def bench_predict(a) -> dict:
 
     from dali_pipes.dataset import open_dataset
     from tools.predict import cleanup, repack_for_predict
-    from train.predict import Scorer, load_ensemble, make_loader, predict, resolve_placement
+    from train.predict import Scorer, load_ensemble, make_loader, picture_setting, predict, resolve_placement
 
     if bool(a.data) == bool(a.bson):
         raise ValueError("bench predict: give either --data DATA_TEST (an unlabelled repack) or --bson test.bson")
     backend, device = resolve_placement(a.backend, a.device)
-    members = load_ensemble(a.checkpoint, device)
+    members = load_ensemble(a.checkpoint, device, a.tiled)
+    first = [m for m in members if picture_setting(m) == picture_setting(members[0])]  # forward-only: its loader
     res = {"mode": "predict", "backend": backend, "device": device.type, "tta": a.tta, "models": len(members)}
     sync = _sync_for(device)
     work = None
@@ -845,7 +846,7 @@ def bench_predict(a) -> dict:
             if len(batches) >= a.forward_batches:
                 break
         del loader
-        scorer = Scorer(members, a.tta, device)
+        scorer = Scorer(first, a.tta, device)
         n_forward = sum(b.shape[0] for b in batches)
 
         def forward_pass():
@@ -859,7 +860,7 @@ def bench_predict(a) -> dict:
         with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
             t0 = time.perf_counter()
             s = predict(data, members, os.path.join(tmp, "sub.csv"), batch=a.batch, backend=backend, device=device,
-                        threads=a.threads, tta=a.tta, progress=False)
+                        threads=a.threads, tta=a.tta, kind_weights=dict(a.weight), progress=False)
             dt = time.perf_counter() - t0
     finally:
         cleanup(work)
@@ -869,8 +870,11 @@ def bench_predict(a) -> dict:
         "images_per_s": e2e, "products_per_s": s["products"] / dt,  # end to end
         "end_to_end": {"seconds": dt, "loader_build_seconds": s["loader_build_seconds"],
                        "loop_images_per_s": s["images"] / s["loop_seconds"], "data_wait_share": s["data_wait_share"],
-                       "flip_one_pass": s["flip_one_pass"]},
-        "forward_only": {"images_per_s": fwd, "batches": a.forward_batches, "images": n_forward},
+                       "flip_one_pass": s["flip_one_pass"],
+                       "settings": {r["setting"]: {k: v for k, v in r.items() if k != "setting"}
+                                    for r in s["settings"]}},
+        "forward_only": {"images_per_s": fwd, "batches": a.forward_batches, "images": n_forward,
+                         "models": len(first)},  # the first member's picture setting
         "end_to_end_over_forward_only": e2e / fwd,
         "env": environment(a.batch, a.threads)})
     return res
@@ -970,6 +974,7 @@ def _common(p, data_required=True):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tools import predict as predict_cli  # its --tiled and --weight syntax
     from train.config import COMPILE_MODES
 
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
@@ -1020,6 +1025,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data_required=False)
     p.add_argument("--bson", help="a test BSON instead of --data: its unlabelled repack is timed on its own")
     p.add_argument("--checkpoint", action="append", required=True)
+    p.add_argument("--tiled", type=predict_cli.tiled_spec, action="append", default=[], metavar="K=CHECKPOINT",
+                   help="as tools.predict --tiled: members for the products of K images (1: upsized)")
+    p.add_argument("--weight", type=predict_cli.kind_weight, action="append", default=[], metavar="KIND=W",
+                   help="as tools.predict --weight")
     p.add_argument("--forward-batches", type=int, default=20, help="batches kept in memory for forward-only")
     p.add_argument("--tmp", default=None, help="where the --bson repack and the submission go (deleted)")
     p.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None,

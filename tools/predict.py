@@ -1,7 +1,8 @@
 """Predict a test set: test.bson (or an unlabelled repack) + checkpoints -> submission.csv.
 
     python -m tools.predict --bson test.bson --checkpoint RUN/best.pt [--checkpoint OTHER.pt:0.5 ...]
-        [--tta none|flip] [--tiled 2=RUN_K2/best.pt ...] [--batch B] [--backend dali-gpu|dali-cpu]
+        [--tta none|flip] [--tiled 2=RUN_K2/best.pt ...] [--tiled 1=RUN_K1_224/best.pt[:W] ...]
+        [--weight images=1 --weight tiled=1 --weight upsized=1] [--batch B] [--backend dali-gpu|dali-cpu]
         [--device cuda|cpu] --out submission.csv [--probs probs.npy] [--topk 5] [--labels test_answers.csv]
         [--dedup DATA]
 
@@ -49,11 +50,20 @@ def read_answers(path: str) -> Dict[int, int]:
         return {int(r["_id"]): int(r["category_id"]) for r in csv.DictReader(f)}
 
 
-def _tiled(spec: str):
+def tiled_spec(spec: str):
     k, sep, path = spec.partition("=")
-    if not sep or k not in ("2", "3", "4"):
-        raise argparse.ArgumentTypeError(f"--tiled takes K=CHECKPOINT with K in 2, 3, 4, not {spec!r}")
+    if not sep or k not in ("1", "2", "3", "4"):
+        raise argparse.ArgumentTypeError(f"--tiled takes K=CHECKPOINT[:WEIGHT] with K in 1 (single-image products, "
+                                         f"upsized), 2, 3, 4, not {spec!r}")
     return int(k), path
+
+
+def kind_weight(spec: str):
+    kind, _, w = spec.partition("=")
+    try:
+        return kind, float(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weight takes KIND=NUMBER (images, upsized, tiled), not {spec!r}")
 
 
 @interruptible("predict")
@@ -65,8 +75,12 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", action="append", required=True,
                     help="RUN/best.pt, optionally PATH:WEIGHT; repeat for an ensemble")
     ap.add_argument("--tta", choices=["none", "flip"], default="none")
-    ap.add_argument("--tiled", type=_tiled, action="append", default=[],
-                    help="K=CHECKPOINT: a tiled-product model for products with K images")
+    ap.add_argument("--tiled", type=tiled_spec, action="append", default=[],
+                    help="K=CHECKPOINT[:WEIGHT]: a model for the products with K images (data.tiled_k K: 2, 3, 4 "
+                         "tiled; 1: the single-image products, e.g. finetune_k1_224); repeatable, also per K")
+    ap.add_argument("--weight", type=kind_weight, action="append", default=[], metavar="KIND=W",
+                    help="weight of a kind of member in a product's blend (images, upsized, tiled; default 1 "
+                         "each): the kinds that score a product are averaged by these")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--backend", choices=["dali-gpu", "dali-cpu"], default=None,
                     help="JPEG decoding; default: dali-gpu when CUDA is available (dali-cpu with --device cpu)")
@@ -86,16 +100,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
 
-    from train.predict import PredictError, load_ensemble, predict, resolve_placement, score
+    from train.predict import PredictError, check_kind_weights, load_ensemble, predict, resolve_placement, score
 
     tmp = None
     try:
         backend, device = resolve_placement(a.backend, a.device)
-        members = load_ensemble(a.checkpoint, device)
+        members = load_ensemble(a.checkpoint, device, a.tiled)
+        check_kind_weights(dict(a.weight), members)  # before a --bson repack, which takes minutes
         data = a.data
         if a.bson:
             data, tmp = repack_for_predict(a.bson, a.workdir, workers=a.threads)
-        s = predict(data, members, a.out, tta=a.tta, tiled=dict(a.tiled), batch=a.batch, backend=backend,
+        s = predict(data, members, a.out, tta=a.tta, kind_weights=dict(a.weight), batch=a.batch, backend=backend,
                     device=device, threads=a.threads, probs_path=a.probs, topk=a.topk, fallback=a.fallback,
                     dedup=a.dedup, progress=not a.quiet)
         if a.labels:
@@ -112,6 +127,10 @@ def main(argv=None) -> int:
         print(f"  {s['duplicates']:,} products are duplicates of train products and get their category "
               f"(listed in {s['report']})")
     print(f"  data wait {100 * s['data_wait_share']:.0f}% of the prediction loop")
+    for st in s["settings"]:
+        print(f"  {st['setting']:<14} {st['kind']:<7} {st['models']} model(s) weight {st['weight']:g}: "
+              f"{st['products']:,} products, {st['batches']:,} batches, model {st['model_seconds']:.1f}s, "
+              f"data wait {st['data_wait_seconds']:.1f}s")
     if s["no_id"]:
         print(f"  {s['no_id']} documents had no readable _id and get no row; see {s['report']}")
     if s["repeated_id"]:

@@ -28,7 +28,7 @@ import csv
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch
 from dali_pipes.config import DataConfig, drop_legacy_keys, resolve_amp, resolve_backend, tile_grid
 from dali_pipes.dataset import check_class_map, open_dataset
 from dali_pipes.fileio import Progress, atomic_path, atomic_write_text, csv_text
-from dali_pipes.records import HASHES_FILE, PRODUCTS_FILE, QUARANTINE_FILE
+from dali_pipes.records import HASHES_FILE, MAX_K, PRODUCTS_FILE, QUARANTINE_FILE
 from models import create_model, without_aux
 
 from .checkpoint import apply_input_norm, load as load_checkpoint
@@ -54,6 +54,7 @@ class Member:
     model: torch.nn.Module
     config: dict
     category_ids: List[int]
+    k: int = 0  # data.tiled_k it was trained with: the products it scores (KINDS)
 
 
 def parse_spec(spec: str) -> Tuple[str, float]:
@@ -86,9 +87,31 @@ def resolve_placement(backend: Optional[str], device: Optional[str]) -> Tuple[st
     return backend, torch.device(device)
 
 
+# What a member scores, by the data.tiled_k it was trained with: the kinds of a product's blend. A kind's
+# members are averaged by their weights, then the kinds that score a product by the kind weights (--weight).
+KINDS = {
+    "images": "every image of every product (data.tiled_k 0; --checkpoint)",
+    "upsized": "the single-image products, as products/k1 holds them (data.tiled_k 1; --tiled 1=)",
+    "tiled": "the products of K = 2, 3, 4 images, tiled into one picture (data.tiled_k K; --tiled K=)",
+}
+
+
+def kind_of(k: int) -> str:
+    return "images" if k == 0 else "upsized" if k == 1 else "tiled"
+
+
+def _what(k: int) -> str:
+    if k == 0:
+        return "single images (--checkpoint)"
+    if k == 1:
+        return "single-image products, upsized (--tiled 1=)"
+    return f"tiled products of {k} images (--tiled {k}=)"
+
+
 def load_member(spec: str, device: torch.device, tiled_k: int = 0) -> Member:
     """An ensemble member on ``device``; ``tiled_k``: the ``data.tiled_k`` its checkpoint must have been trained
-    with (0: single images, for ``--checkpoint``; K for ``--tiled K=``)."""
+    with (0: single images, for ``--checkpoint``; 1: single-image products, for ``--tiled 1=``; K for
+    ``--tiled K=``)."""
     path, weight = parse_spec(spec)
     if not os.path.isfile(path):
         raise PredictError(f"{path}: no such checkpoint; pass RUN/best.pt of a finished training run")
@@ -99,9 +122,8 @@ def load_member(spec: str, device: torch.device, tiled_k: int = 0) -> Member:
     got = int((cfg.get("data") or {}).get("tiled_k") or 0)
     if got != tiled_k:
         use = f"--tiled {got}={path}" if got else f"--checkpoint {path}"
-        want = f"tiled products of {tiled_k} images (--tiled {tiled_k}=)" if tiled_k else "single images (--checkpoint)"
-        raise PredictError(f"{path}: trained with data.tiled_k {got}, but {want} need data.tiled_k {tiled_k}; "
-                           f"pass it as {use}")
+        raise PredictError(f"{path}: trained with data.tiled_k {got}, but {_what(tiled_k)} need data.tiled_k "
+                           f"{tiled_k}; pass it as {use}")
     try:
         model = create_model(ckpt["model_name"], int(ckpt["num_classes"]), head=cfg["model"]["head"])
         model.load_state_dict(without_aux(ckpt["model"]))  # hierarchy heads, if any, play no part here
@@ -112,25 +134,44 @@ def load_member(spec: str, device: torch.device, tiled_k: int = 0) -> Member:
     model.eval().to(device)
     if cfg["model"].get("channels_last") and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    return Member(path, weight, model, cfg, list(ckpt["category_ids"]))
+    return Member(path, weight, model, cfg, list(ckpt["category_ids"]), got)
 
 
-PICTURE_KEYS = ("image_size", "crop", "eval_crop")  # how a model's pictures are cut: one loader serves an ensemble
-
-
-def load_ensemble(specs: List[str], device: torch.device) -> List[Member]:
-    members = [load_member(s, device) for s in specs]
+def load_ensemble(specs: List[str], device: torch.device, tiled: Sequence[Tuple[int, str]] = ()) -> List[Member]:
+    """The ``--checkpoint`` members (single images), then the ``--tiled K=`` ones, all with the first one's
+    class map. Members may differ in their picture settings: predict reads the pictures once per setting."""
+    members = [load_member(s, device) for s in specs] + [load_member(s, device, k) for k, s in tiled]
     first = members[0]
-    want = {k: first.config["data"].get(k) for k in PICTURE_KEYS}
     for m in members[1:]:
         check_class_map(first.category_ids, m.category_ids, f"{m.path} vs {first.path}")
-        got = {k: m.config["data"].get(k) for k in PICTURE_KEYS}
-        if got != want:
-            diff = ", ".join(f"data.{k} {want[k]} vs {got[k]}" for k in PICTURE_KEYS if got[k] != want[k])
-            raise PredictError(f"{m.path} was trained on other pictures than {first.path} ({diff}); the members "
-                               "of an ensemble share one loader: predict each with its own --out and average the "
-                               "probabilities, or ensemble models trained with the same picture settings")
     return members
+
+
+PICTURE_KEYS = ("image_size", "crop", "eval_crop")  # how a model's pictures are cut (with its K)
+
+
+def picture_setting(m: Member) -> tuple:
+    """The pictures a member reads: members with equal settings share one loader."""
+    data = m.config["data"]
+    return (m.k,) + tuple(data.get(key, getattr(DataConfig, key)) for key in PICTURE_KEYS)
+
+
+def setting_name(setting: tuple) -> str:
+    k, size, crop, eval_crop = setting
+    return f"K={k} {size}/{crop if eval_crop else size}" if k else f"images {size}/{crop if eval_crop else size}"
+
+
+def check_kind_weights(weights: Dict[str, float], members: List[Member]) -> Dict[str, float]:
+    """``--weight KIND=W`` for the kinds of ``members``; every other kind weighs 1."""
+    have = {kind_of(m.k) for m in members}
+    for kind, w in weights.items():
+        if kind not in KINDS:
+            raise PredictError(f"--weight {kind}={w}: the kinds are {', '.join(KINDS)}")
+        if kind not in have:
+            raise PredictError(f"--weight {kind}={w}: no member of that kind ({KINDS[kind]}) in the ensemble")
+        if not w > 0:
+            raise PredictError(f"--weight {kind}={w}: a kind's weight must be > 0")
+    return {kind: float(weights.get(kind, 1.0)) for kind in have}
 
 
 @dataclass
@@ -303,49 +344,135 @@ def _means(sums: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
     return sums / n[:, None]
 
 
-class TiledStream:
-    """Probabilities of one tiled model for the products with K images, taken in file order."""
+class StageClock:
+    """Model seconds of one picture setting without a sync per batch: on a GPU the device time between CUDA
+    events, added up once at the end; on the CPU the wall clock."""
 
-    def __init__(self, k: int, loader, scorer: Scorer, wait: List[float]):
-        self.k, self.loader, self.scorer, self.wait = k, loader, scorer, wait
-        self.it = iter(loader)
-        self.ids = np.zeros(0, np.int64)
-        self.probs: Optional[torch.Tensor] = None
+    def __init__(self, device: torch.device):
+        self.cuda, self.seconds, self.events = device.type == "cuda", 0.0, []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - t0
+
+    def total(self) -> float:
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.events) / 1000
+            self.events = []
+        return self.seconds
+
+
+class Stream:
+    """The probabilities of one picture setting's members per product, in file order: ``take(ids)`` reads on
+    until it holds the products ``ids`` (the next ones this setting scores) and hands them out. ``k`` 0: every
+    product, the mean over its images (``ProductSums``); ``k`` 1..4: the products of K images (4: four or more),
+    one picture each."""
+
+    def __init__(self, setting: tuple, members: List[Member], loader, tta: str, device: torch.device):
+        self.setting, self.members, self.k = setting, members, setting[0]
+        self.kind = kind_of(self.k)
+        self.weight = sum(m.weight for m in members)  # within its kind, as its members' weights add up
+        self.scorer = Scorer(members, tta, device, self.k)
+        self.it = iter(loader) if loader is not None else iter(())
+        self.sums = ProductSums() if self.k == 0 else None
+        self.ended = False
+        self.ids, self.counts, self.probs = np.zeros(0, np.int64), np.zeros(0, np.int64), None
+        self.wait, self.batches, self.products = 0.0, 0, 0
+        self.clock = StageClock(device)
+        self.what = f"product shards k{self.k}" if self.k else "image shards"
+
+    def read(self) -> bool:
+        """One more batch into the buffer (at the end: the last open product); False when there is none."""
+        if self.ended:
+            return False
+        t0 = time.perf_counter()
+        try:
+            images, _, meta = next(self.it)
+        except StopIteration:
+            self.ended = True
+            if self.sums is None:
+                return False
+            ids, counts, probs = self.sums.finish()
+        else:
+            self.wait += time.perf_counter() - t0
+            self.batches += 1
+            with self.clock():
+                p = self.scorer(images)
+                pids = meta["product_id"]
+                if self.sums is None:
+                    ids, probs = pids.view(-1).numpy(), p
+                    counts = np.full(len(ids), self.k, np.int64)
+                else:
+                    ids, counts, probs = self.sums.add(p, pids)
+        if len(ids):
+            self.ids, self.counts = np.concatenate([self.ids, ids]), np.concatenate([self.counts, counts])
+            self.probs = probs if self.probs is None else torch.cat([self.probs, probs])
+        return True
+
+    def pop(self, m: int):
+        """The first ``m`` buffered products: (ids, image counts, probabilities)."""
+        out = self.ids[:m], self.counts[:m], self.probs[:m]
+        self.ids, self.counts, self.probs = self.ids[m:], self.counts[m:], self.probs[m:]
+        self.products += m
+        return out
 
     def take(self, want: np.ndarray) -> torch.Tensor:
-        """Rows for the product ids ``want`` (the next ones of this K, in order)."""
         while len(self.ids) < len(want):
-            t0 = time.perf_counter()
-            try:
-                images, _, meta = next(self.it)
-            except StopIteration:
-                raise PredictError(f"product shards k{self.k} end before product {want[len(self.ids)]}; "
-                                   "re-run the repack") from None
-            self.wait[0] += time.perf_counter() - t0
-            p = self.scorer(images)
-            self.ids = np.concatenate([self.ids, meta["product_id"].view(-1).numpy()])
-            self.probs = p if self.probs is None else torch.cat([self.probs, p])
+            if not self.read():
+                raise PredictError(f"{self.what} end before product {want[len(self.ids)]}; re-run the repack")
         m = len(want)
         if not np.array_equal(self.ids[:m], want):
             bad = int(want[np.flatnonzero(self.ids[:m] != want)[0]])
-            raise PredictError(f"product shards k{self.k} out of step with the image shards at product {bad}; "
-                               "re-run the repack")
-        out, self.ids, self.probs = self.probs[:m], self.ids[m:], self.probs[m:]
-        return out
+            raise PredictError(f"{self.what} out of step with the image shards at product {bad}; re-run the repack")
+        return self.pop(m)[2]
+
+    def report(self) -> dict:
+        return {"setting": setting_name(self.setting), "kind": self.kind, "k": self.k,
+                "models": len(self.members), "weight": self.weight, "products": self.products,
+                "batches": self.batches, "data_wait_seconds": self.wait, "model_seconds": self.clock.total()}
 
 
-def blend_tiled(ids: np.ndarray, counts: np.ndarray, means: torch.Tensor, tiled: Dict[int, TiledStream]):
-    """A product with K images (K >= 4: the tiled model of 4, which sees its first four) averages its images'
-    probabilities with its tiled model's, half and half."""
-    if not tiled or not len(ids):
+def scores(k: int, counts: np.ndarray) -> np.ndarray:
+    """Which of the products with these image counts a setting of K scores: all (K 0), else those of K images
+    (K=4: four or more, as products/k4 holds them)."""
+    return np.ones(len(counts), bool) if k == 0 else np.minimum(counts, MAX_K) == k
+
+
+def blend(ids: np.ndarray, counts: np.ndarray, means: torch.Tensor, lead: Stream, streams: List[Stream],
+          kind_weights: Dict[str, float]) -> torch.Tensor:
+    """The products' probabilities: per kind, the weighted mean of the settings that score each product
+    (``means``: ``lead``'s, already taken); then the mean over the kinds that score it, by ``kind_weights``.
+    Index operations on the device: no step per product."""
+    if len(streams) == 1:
         return means
-    ks = np.minimum(counts, 4)
-    for k, stream in tiled.items():
-        idx = np.flatnonzero(ks == k)
-        if len(idx):
-            i = torch.from_numpy(idx).to(means.device, non_blocking=True)
-            means[i] = (means[i] + stream.take(ids[idx])) * 0.5
-    return means
+    n, dev = len(ids), means.device
+    per_kind: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    for s in streams:
+        rows = np.flatnonzero(scores(s.k, counts))
+        if not len(rows):
+            continue
+        p = means if s is lead else s.take(ids[rows])
+        num, den = per_kind.get(s.kind) or per_kind.setdefault(
+            s.kind, (torch.zeros_like(means), torch.zeros(n, device=dev)))
+        idx = torch.from_numpy(rows).to(dev, non_blocking=True)
+        num.index_add_(0, idx, p * s.weight)
+        den.index_add_(0, idx, torch.full((len(rows),), s.weight, device=dev))
+    total, weight = torch.zeros_like(means), torch.zeros(n, device=dev)
+    for kind, (num, den) in per_kind.items():
+        w = (den > 0).float() * kind_weights[kind]
+        total.add_(num / den.clamp_min(1e-12)[:, None] * w[:, None])
+        weight.add_(w)
+    return total / weight[:, None]
 
 
 class Readback:
@@ -378,6 +505,22 @@ class Readback:
         return idx, vals, probs
 
 
+def open_streams(members: List[Member], ds, data: str, tta: str, backend: str, batch: int, threads: int,
+                 device: torch.device) -> List[Stream]:
+    """One loader per distinct picture setting (``picture_setting``), in the members' order: the first
+    member's setting (single images) leads. A K the test set has no products of gets no loader."""
+    groups: Dict[tuple, List[Member]] = {}
+    for m in members:
+        groups.setdefault(picture_setting(m), []).append(m)
+    streams = []
+    for setting, group in groups.items():
+        k = setting[0]
+        empty = k and not ds.num_records("test", k)
+        loader = None if empty else make_loader(group[0], data, backend, batch, threads, device, k)
+        streams.append(Stream(setting, group, loader, tta, device))
+    return streams
+
+
 # ---- predict ------------------------------------------------------------------------------------------
 def predict(data: str, members: List[Member], out: str, *, probs_path: Optional[str] = None, **kw) -> dict:
     """Write the submission ``out``, its report, the top-k CSV and ``probs_path`` (an n x C float16 file, ~19 GB
@@ -388,8 +531,9 @@ def predict(data: str, members: List[Member], out: str, *, probs_path: Optional[
 
 
 @torch.no_grad()
-def _predict(data: str, members: List[Member], out: str, *, tta: str = "none", tiled: Optional[Dict[int, str]] = None,
-             batch: int = 64, backend: str = "dali-cpu", device: Optional[torch.device] = None, threads: int = 2,
+def _predict(data: str, members: List[Member], out: str, *, tta: str = "none",
+             kind_weights: Optional[Dict[str, float]] = None, batch: int = 64, backend: str = "dali-cpu",
+             device: Optional[torch.device] = None, threads: int = 2,
              probs_tmp: Optional[str] = None, topk: int = 1, fallback: Optional[int] = None,
              dedup: Optional[str] = None, progress: bool = True) -> dict:
     t_start = time.perf_counter()
@@ -408,15 +552,12 @@ def _predict(data: str, members: List[Member], out: str, *, tta: str = "none", t
     n = len(rows.ids)
     duplicates = find_duplicates(dedup, data, cats, rows) if dedup else {}
 
-    scorer = Scorer(members, tta, device)
-    wait = [0.0]
-    tiled_members = {kk: load_member(p, device, kk) for kk, p in (tiled or {}).items()}
-    for kk, m in tiled_members.items():
-        check_class_map(cats, m.category_ids, f"tiled K={kk} model {m.path} vs {members[0].path}")
+    kind_weights = check_kind_weights(kind_weights or {}, members)
+    if members[0].k != 0:
+        raise PredictError(f"{members[0].path}: the first member must be a single-image model (--checkpoint)")
     t0 = time.perf_counter()
-    loader = make_loader(members[0], data, backend, batch, threads, device)
-    streams = {kk: TiledStream(kk, make_loader(m, data, backend, batch, threads, device, kk),
-                               Scorer([m], tta, device, kk), wait) for kk, m in tiled_members.items()}
+    streams = open_streams(members, ds, data, tta, backend, batch, threads, device)
+    lead = streams[0]
     build_s = time.perf_counter() - t0
 
     pred = np.full(n, -1, np.int64)
@@ -447,29 +588,18 @@ def _predict(data: str, members: List[Member], out: str, *, tta: str = "none", t
         state["done"] = done + len(ids)
         bar.update(state["done"])
 
-    sums = ProductSums()
     pending = None
     t_loop = time.perf_counter()
-    it = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            images, _, meta = next(it)
-        except StopIteration:
-            break
-        wait[0] += time.perf_counter() - t0
-        ids, counts, means = sums.add(scorer(images), meta["product_id"])
-        rb = None
-        if len(ids):
-            rb = (ids, Readback(blend_tiled(ids, counts, means, streams), k, probs_out is not None))
+    while lead.read():
+        if not len(lead.ids):
+            continue
+        ids, counts, means = lead.pop(len(lead.ids))
+        rb = (ids, Readback(blend(ids, counts, means, lead, streams, kind_weights), k, probs_out is not None))
         if pending is not None:  # the previous batch's copy overlapped this batch's work
             store(*pending)
         pending = rb
     if pending is not None:
         store(*pending)
-    ids, counts, means = sums.finish()
-    if len(ids):
-        store(ids, Readback(blend_tiled(ids, counts, means, streams), k, probs_out is not None))
     if device.type == "cuda":
         torch.cuda.synchronize()
     loop_s = time.perf_counter() - t_loop
@@ -513,7 +643,9 @@ def _predict(data: str, members: List[Member], out: str, *, tta: str = "none", t
                "repeated_id": len(rows.repeated),
                "duplicates": len(duplicates), "images": images, "seconds": time.perf_counter() - t_start,
                "loader_build_seconds": build_s, "loop_seconds": loop_s,
-               "data_wait_share": wait[0] / max(loop_s, 1e-9), "flip_one_pass": scorer.one_pass,
+               "data_wait_share": sum(st.wait for st in streams) / max(loop_s, 1e-9),
+               "flip_one_pass": all(st.scorer.one_pass for st in streams),
+               "settings": [st.report() for st in streams], "kind_weights": kind_weights,
                "report": report_path, "submission": out}
     return summary
 
