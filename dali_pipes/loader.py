@@ -11,6 +11,12 @@ Backends ``dali-gpu`` (decode and augment on the GPU), ``dali-cpu`` (all on the 
   (``cfg.eval_crop``) or the whole image, every image mirrored when ``flip=True`` (TTA), and
   ``for images, labels, meta in loader`` with ``meta = {"product_id", "image_index"}`` (int64; image_index
   is -1 for tiled products).
+* ``text=True`` (a model with ``model.text_branch``): each batch also carries its pictures' OCR input, looked
+  up in ``DATA/ocr`` (``tools.ocr``) by the batch's own ``(product_id, image_index)``, so it stays aligned
+  through any order and any resume: ``(ids, offsets)`` int64 on the batch's device
+  (``ocr_files.TextLookup``; a tiled record joins its pictures' words). Train then yields
+  ``images, labels, text``; evaluation puts it in ``meta["text"]``. A missing, unfinished or foreign OCR
+  directory is an ``OcrError`` that names the ``tools.ocr`` command to run.
 * Images: ``uint8 (N, H, W, 3)``, RGB pixels as decoded (EXIF orientation applied), ``(H, W) =
   cfg.picture_hw(train)``: every picture is first resized so that its shorter side is ``cfg.image_size``
   (aspect ratio kept; pictures already that size are untouched), then cropped (and flipped) as above. Where
@@ -89,6 +95,9 @@ class _Loader:
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, flip: bool,
                  augment: Optional[bool] = None):
         self.cfg, self.rank, self.world_size, self.split, self.flip = cfg, rank, world_size, split, flip
+        self.text = None  # TextLookup of the split (text=True)
+        self.text_hashing = None  # the OCR directory's hashing of the words (the model's must be the same)
+        self.text_settings = None  # ... and how tools.ocr read them (det_size, angle_cls)
         self.train = split == "train" if augment is None else bool(augment)
         self.epoch = 0
         self.step = 0  # batches handed out in the current epoch
@@ -143,7 +152,7 @@ class _Loader:
 # ---- DALI ------------------------------------------------------------------------------------------------
 class DaliLoader(_Loader):
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip,
-                 augment=None):
+                 augment=None, text=False):
         from .pipelines import apply_flips, crops_in_decoder, graph_name
 
         super().__init__(cfg, rank, world_size, split, flip, augment)
@@ -153,6 +162,11 @@ class DaliLoader(_Loader):
             check_class_map(class_map, ds.category_ids, f"{cfg.path}/classes.csv vs the run's class map")
         self.category_ids = list(ds.category_ids or class_map or [])
         self.num_classes = len(self.category_ids)
+        if text:  # the split's pictures (a tiled record's too: its pictures are in the same split's image shards)
+            from .ocr_files import TextLookup, open_ocr
+
+            ocr = open_ocr(ds, split)
+            self.text, self.text_hashing, self.text_settings = TextLookup(ocr), ocr["hashing"], ocr["settings"]
         paths, idxs, counts = ds.shards(split, cfg.tiled_k)  # checks every .idx against its shard
         what = f"{cfg.path} split {split!r}" + (f" (products with K={cfg.tiled_k} images)" if cfg.tiled_k else "")
         n = self.num_records = sum(counts)
@@ -304,11 +318,23 @@ class DaliLoader(_Loader):
             self._apply_flips(images, flags, self.cfg.tiled_k)
         pids = b["product_id"].view(-1)
         index = torch.full_like(pids, -1) if self.tiled else b["image_index"].view(-1)
+        text = self._text(pids, index, images.device) if self.text is not None else None
         if self.train:
             if self.keep_ids:
                 self.last_ids = (pids, index)
-            return images, labels
-        return images, labels, {"product_id": pids, "image_index": index}
+            return (images, labels) if text is None else (images, labels, text)
+        meta = {"product_id": pids, "image_index": index}
+        if text is not None:
+            meta["text"] = text
+        return images, labels, meta
+
+    def _text(self, pids: torch.Tensor, index: torch.Tensor, device) -> tuple:
+        """The batch's OCR input ``(ids, offsets)`` on ``device`` (the images')."""
+        ids, offsets = self.text.batch(pids.numpy(), index.numpy())
+        ids, offsets = torch.from_numpy(ids), torch.from_numpy(offsets)
+        if device.type == "cuda":
+            ids, offsets = (t.pin_memory().to(device, non_blocking=True) for t in (ids, offsets))
+        return ids, offsets
 
 
 # ---- synthetic -------------------------------------------------------------------------------------------
@@ -350,15 +376,18 @@ class SyntheticLoader(_Loader):
 
 
 def build_loader(cfg: DataConfig, rank: int, world_size: int, split: str, device=None, state: Optional[dict] = None,
-                 class_map: Optional[Sequence[int]] = None, flip: bool = False, augment: Optional[bool] = None):
+                 class_map: Optional[Sequence[int]] = None, flip: bool = False, augment: Optional[bool] = None,
+                 text: bool = False):
     """``(loader, steps_per_epoch)``; see the module docstring for the contract. ``augment=False`` reads the
     train split as an evaluation split (file order, centre crop, every image once: ``tools.clean``);
-    the default augments the train split only."""
+    the default augments the train split only. ``text``: each batch carries its OCR input too."""
     cfg.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     if require_backend(cfg.backend) == "synthetic":
+        if text:
+            raise ValueError("the synthetic backend has no OCR text (a text branch needs a DATA directory)")
         loader = SyntheticLoader(cfg, rank, world_size, split, device, state, class_map, flip, augment)
     else:
-        loader = DaliLoader(cfg, rank, world_size, split, device, state, class_map, flip, augment)
+        loader = DaliLoader(cfg, rank, world_size, split, device, state, class_map, flip, augment, text)
     return loader, loader.steps_per_epoch

@@ -37,6 +37,11 @@ HASHING = {"scheme": "crc32", "buckets": 1 << 18, "ngrams": [3], "min_score": 0.
            "normalize": "lower, accents removed (NFKD), letters and digits only"}
 
 
+# The reading settings a model's text branch is trained with (kept in its checkpoint: predict --bson reads
+# the test pictures with the same)
+READ_SETTINGS = ("det_size", "angle_cls")
+
+
 def is_ocr_file(name: str) -> bool:
     """A file name tools.ocr writes under DATA/ocr (a unit or the manifest)."""
     return name == MANIFEST or UNIT_FILE.fullmatch(name) is not None
@@ -146,15 +151,23 @@ def unit_ranges(records: int) -> List[Tuple[int, int]]:
     return [(a, min(a + UNIT_RECORDS, records)) for a in range(0, records, UNIT_RECORDS)]
 
 
+def require_manifest(root: str) -> str:
+    """``root/ocr/manifest.json``, or an OcrError that gives the command making it (a cheap first check: the
+    loader's ``open_ocr`` checks the rest)."""
+    d = os.path.join(root, OCR_DIR)
+    mpath = os.path.join(d, MANIFEST)
+    if not os.path.isfile(mpath):
+        what = "is unfinished (no manifest.json)" if os.path.isdir(d) else "does not exist"
+        raise OcrError(f"{d} {what}: make it with `{ocr_command(root)}`")
+    return mpath
+
+
 def open_ocr(ds: Dataset, split: str) -> Dict[str, np.ndarray]:
     """The OCR of an image split in record order (the shards' order, as the manifest lists them):
     ``product_id``, ``image_index``, ``id_offsets`` (records + 1) and ``ids``. Refuses a missing, unfinished,
     corrupt or foreign OCR directory with one message that says what to run."""
     d = os.path.join(ds.root, OCR_DIR)
-    mpath = os.path.join(d, MANIFEST)
-    if not os.path.isfile(mpath):
-        what = "is unfinished (no manifest.json)" if os.path.isdir(d) else "does not exist"
-        raise OcrError(f"{d} {what}: make it with `{ocr_command(ds.root)}`")
+    mpath = require_manifest(ds.root)
     try:
         with open(mpath) as f:
             man = json.load(f)
@@ -176,7 +189,8 @@ def open_ocr(ds: Dataset, split: str) -> Dict[str, np.ndarray]:
     cat = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in parts.items()}
     offsets = np.concatenate([[0], np.cumsum(cat.pop("lengths"))]).astype(np.int64)
     return {"product_id": cat["product_id"].astype(np.int64), "image_index": cat["image_index"].astype(np.int64),
-            "id_offsets": offsets, "ids": cat["ids"].astype(np.int64), "hashing": man["hashing"]}
+            "id_offsets": offsets, "ids": cat["ids"].astype(np.int64), "hashing": man["hashing"],
+            "settings": {k: man.get("settings", {}).get(k) for k in READ_SETTINGS}}
 
 
 class TextLookup:

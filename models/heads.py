@@ -16,7 +16,7 @@ channels_last). A floating-point ``(N, 3, H, W)`` input is taken as already norm
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .trunks import Trunk
 
 AUX_HEADS = "aux_heads"  # the hierarchy heads' module: its keys are left out where a model has none
+TEXT_BRANCH = "text_branch"  # the text branch's module (model.text_branch): its keys too
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # for trunks without a pretrained config (tiny): trained from scratch
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -35,7 +36,8 @@ class Net(nn.Module):
     head_kind = ""
     head_names: tuple = ()  # top-level modules of the head, set by subclasses
 
-    def __init__(self, trunk: Trunk, num_classes: int, aux_classes: Optional[Dict[str, int]] = None, **head_kw):
+    def __init__(self, trunk: Trunk, num_classes: int, aux_classes: Optional[Dict[str, int]] = None,
+                 text_branch: Optional[Dict[str, int]] = None, **head_kw):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, not {num_classes}")
@@ -68,6 +70,15 @@ class Net(nn.Module):
         if aux_classes:
             self.aux_heads = nn.ModuleDict({k: nn.Linear(trunk.channels, int(n)) for k, n in aux_classes.items()})
             self.new_names += (AUX_HEADS,)
+        # The text branch (model.text_branch): the OCR words of the picture, embedded and added to the
+        # head's first layer (``join_width``, set by _build_head). forward(x) without text leaves it out.
+        self.text_spec = dict(text_branch) if text_branch else None
+        if text_branch:
+            # drawn from a fork of the RNG: every other weight is the one a model without the branch gets from
+            # the same seed, so the two compare on the branch alone
+            with torch.random.fork_rng(devices=[]):
+                self.text_branch = TextBranch(int(text_branch["buckets"]), int(text_branch["dim"]), self.join_width)
+            self.new_names += (TEXT_BRANCH,)
         # x * scale - shift == (x / 255 - mean) / std, filled in by set_input_norm. Not persistent: checkpoint
         # keys stay those of the published models, and a checkpoint of any version loads.
         self.register_buffer("input_scale", torch.empty(1, 3, 1, 1), persistent=False)
@@ -84,7 +95,9 @@ class Net(nn.Module):
             x = self._modules[name](x)
         return x
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class logits from the trunk's features; ``text``: the text branch's ``(N, join_width)`` output,
+        added to the head's first layer (the same as one layer over the two joined)."""
         raise NotImplementedError
 
     def input_norm(self) -> dict:
@@ -119,11 +132,21 @@ class Net(nn.Module):
             x = x.contiguous()
         return x
 
-    def forward(self, x: torch.Tensor, aux: bool = False):
+    def forward(self, x: torch.Tensor, text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, aux: bool = False):
         """Class logits; with ``aux=True`` ``(class logits, [logits of each hierarchy head])`` (an empty list
-        without hierarchy heads)."""
+        without hierarchy heads). ``text``: the batch's OCR input ``(ids, offsets)`` (``torch.nn.EmbeddingBag``'s
+        input and the start of each picture's ids: the loader's, ``dali_pipes.ocr_files.TextLookup``), read by
+        a model with a text branch; one without takes none."""
         f = self.forward_features(self.prepare_input(x))
-        out = self.forward_head(f)
+        t = None
+        if self.text_spec is not None:
+            if text is None:
+                raise ValueError(f"{type(self).__name__} has a text branch: pass the batch's OCR input, "
+                                 "model(images, text=(ids, offsets))")
+            t = self.text_branch(*text)
+        elif text is not None:
+            raise ValueError(f"{type(self).__name__} has no text branch, yet was given text input")
+        out = self.forward_head(f, t)
         if not aux:
             return out
         heads = self._modules.get(AUX_HEADS)
@@ -137,6 +160,30 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
+def _join(x: torch.Tensor, text: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if text is None else x + text.to(x.dtype)
+
+
+class TextBranch(nn.Module):
+    """A picture's OCR words and their character n-grams (hashed ids, ``dali_pipes.ocr_files.text_ids``)
+    averaged in an ``EmbeddingBag`` of ``dim``, then Linear + ReLU and a Linear to ``out`` (the head's first
+    layer width). That last Linear starts at zero, so a model fine-tuned from one without the branch
+    (``train.init_from``) starts with the same outputs. A picture without text has an empty bag: zeros."""
+
+    def __init__(self, buckets: int, dim: int, out: int):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(buckets, dim, mode="mean")
+        nn.init.normal_(self.embed.weight, std=0.1)
+        self.hidden = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, out)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        e = self.embed(ids, offsets)
+        return self.out(F.relu(self.hidden(e), inplace=True))
+
+
 class FirstPlaceNet(Net):
     """1x1 conv to C + BN + ReLU, global average pool, Linear(C, C) + BN1d + ReLU, Linear(C, C).
 
@@ -147,16 +194,16 @@ class FirstPlaceNet(Net):
     head_names = ("layer5", "fc_p1", "fc_p1_bn", "fc")
 
     def _build_head(self, channels: int, num_classes: int) -> None:
-        c = num_classes
+        c = self.join_width = num_classes
         self.layer5 = nn.Sequential(nn.Conv2d(channels, c, 1, bias=False), nn.BatchNorm2d(c),
                                     nn.ReLU(inplace=True))
         self.fc_p1 = nn.Linear(c, c)
         self.fc_p1_bn = nn.BatchNorm1d(c)
         self.fc = nn.Linear(c, c)
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = _pool(self.layer5(x))
-        x = F.relu(self.fc_p1_bn(self.fc_p1(x)), inplace=True)
+        x = F.relu(self.fc_p1_bn(_join(self.fc_p1(x), text)), inplace=True)
         return self.fc(x)
 
 
@@ -169,13 +216,14 @@ class VggNet(Net):
 
     def _build_head(self, channels: int, num_classes: int, vgg_width: int = 4096,
                     vgg_dropout: float = 0.5) -> None:
+        self.join_width = vgg_width
         self.fc6 = nn.Linear(channels, vgg_width)
         self.fc7 = nn.Linear(vgg_width, vgg_width)
         self.head_drop = nn.Dropout(vgg_dropout)
         self.fc = nn.Linear(vgg_width, num_classes)
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head_drop(F.relu(self.fc6(_pool(x)), inplace=True))
+    def forward_head(self, x: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.head_drop(F.relu(_join(self.fc6(_pool(x)), text), inplace=True))
         x = self.head_drop(F.relu(self.fc7(x), inplace=True))
         return self.fc(x)
 
@@ -187,10 +235,11 @@ class LinearNet(Net):
     head_names = ("fc",)
 
     def _build_head(self, channels: int, num_classes: int) -> None:
+        self.join_width = num_classes
         self.fc = nn.Linear(channels, num_classes)
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(_pool(x))
+    def forward_head(self, x: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _join(self.fc(_pool(x)), text)
 
 
 HEADS = {"first": FirstPlaceNet, "vgg": VggNet, "linear": LinearNet}
@@ -199,6 +248,12 @@ HEADS = {"first": FirstPlaceNet, "vgg": VggNet, "linear": LinearNet}
 def without_aux(state_dict: dict) -> dict:
     """A state dict without the hierarchy heads' tensors (for a model built without them)."""
     prefix = AUX_HEADS + "."
+    return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+
+
+def without_text(state_dict: dict) -> dict:
+    """A state dict without the text branch's tensors."""
+    prefix = TEXT_BRANCH + "."
     return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
 
 

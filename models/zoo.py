@@ -1,7 +1,8 @@
 """The registered models: timm trunks of the 1st-place solution and its ensemble, and a tiny one for the demo.
 
 Every entry takes `head` ("first": the 1st-place head, "vgg", "linear") and passes `vgg_*` keywords and
-`aux_classes` (hierarchy heads, `{"level1": C1, ...}`) to the head and the other keywords to timm.
+`aux_classes` (hierarchy heads, `{"level1": C1, ...}`) and `text_branch` (`{"buckets": B, "dim": D}`: the
+OCR text branch) to the head and the other keywords to timm.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .trunks import Trunk, timm_trunk, tiny_trunk, widen_last_conv
 
 
 def _make(trunk_fn, num_classes: int, head: str, kw: dict):
-    head_kw = {k: kw.pop(k) for k in list(kw) if k.startswith("vgg_") or k == "aux_classes"}
+    head_kw = {k: kw.pop(k) for k in list(kw) if k.startswith("vgg_") or k in ("aux_classes", "text_branch")}
     trunk: Trunk = trunk_fn(**kw)
     return build(trunk, num_classes, head, **head_kw)
 

@@ -41,7 +41,7 @@ def score_images(data: str, checkpoint: str, *, tta: str = "flip", batch: int = 
     from dali_pipes.dataset import check_class_map, open_dataset
     from dali_pipes.fileio import Progress
     from dali_pipes.loader import build_loader
-    from train.predict import inference_autocast, load_member, resolve_placement, width_dim
+    from train.predict import check_text_hashing, inference_autocast, load_member, resolve_placement, width_dim
 
     if tta not in ("flip", "none"):
         raise CleanError(f"--tta must be flip or none, not {tta!r}")
@@ -53,7 +53,11 @@ def score_images(data: str, checkpoint: str, *, tta: str = "flip", batch: int = 
     check_class_map(member.category_ids, ds.category_ids, f"{checkpoint} vs {data}/classes.csv")
     dc = DataConfig(**drop_legacy_keys(member.config["data"]))  # the model takes the pictures as they come
     dc.path, dc.backend, dc.batch_size, dc.tiled_k, dc.num_threads = data, backend, batch, 0, threads
-    loader, _ = build_loader(dc, 0, 1, split, device=device, augment=False)
+    text = member.text_hashing is not None  # a text branch reads the words tools.ocr found: DATA/ocr
+    loader, _ = build_loader(dc, 0, 1, split, device=device, augment=False, text=text)
+    if text:
+        check_text_hashing([member], loader, data)
+        print(f"clean: text branch: the words of {os.path.join(data, 'ocr')}", file=sys.stderr, flush=True)
     autocast = inference_autocast(device)
     n = loader.num_samples
     # One row per image in arrays sized once (28 bytes an image: 350 MB for the real 12.4M), not lists of
@@ -66,10 +70,11 @@ def score_images(data: str, checkpoint: str, *, tta: str = "flip", batch: int = 
         images = images.to(device, non_blocking=True)
         lab = lab.to(device).view(-1).long()
         views = (images, images.flip(width_dim(images))) if tta == "flip" else (images,)
+        kw = {"text": meta["text"]} if text else {}  # a mirror has the same words
         logp = []
         for v in views:
             with autocast():
-                logp.append(F.log_softmax(member.model(v).float(), 1))
+                logp.append(F.log_softmax(member.model(v, **kw).float(), 1))
         # log of the mean probability over the views
         mean_logp = torch.logsumexp(torch.stack(logp), 0) - math.log(len(views))
         rows = slice(seen, seen + len(lab))

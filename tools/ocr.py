@@ -41,6 +41,15 @@ class OcrUnavailable(RuntimeError):
     """The OCR extra is not installed (or cannot run here); the message says what to install."""
 
 
+def cuda_provider() -> bool:
+    """Whether onnxruntime here can run on a GPU (onnxruntime-gpu's CUDA provider)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def require_engine():
     """Import the OCR engine, or say what to install (or what to remove)."""
     from importlib import metadata

@@ -6,7 +6,9 @@
         [--device cuda|cpu] --out submission.csv [--probs probs.npy] [--topk 5] [--labels test_answers.csv]
         [--dedup DATA]
 
-The command line owns the ``--bson`` repack (``repack_for_predict``): ``train.predict`` reads DATA only.
+A member with a text branch (``model.text_branch``) reads the words on the test pictures: with ``--data``
+from ``DATA_TEST/ocr`` (``python -m tools.ocr --data DATA_TEST``); with ``--bson`` predict runs that OCR on its
+temporary repack itself. The command line owns the ``--bson`` repack (``repack_for_predict``): ``train.predict`` reads DATA only.
 """
 from __future__ import annotations
 
@@ -33,6 +35,21 @@ def repack_for_predict(bson_path: str, workdir: Optional[str], workers: int) -> 
         cleanup(tmp)
         raise
     return data, tmp
+
+
+def read_text(data: str, members, device, workers: int, quiet: bool) -> None:
+    """The OCR of a ``--bson`` repack (``tools.ocr``) where a member has a text branch, with the settings its
+    training OCR used; its projected time and progress go to stderr."""
+    if not members:
+        return
+    from tools.ocr import DEFAULT_DET_SIZE, cuda_provider, run_ocr
+
+    used = members[0].text_ocr or {}
+    det_size, angle_cls = used.get("det_size") or DEFAULT_DET_SIZE, bool(used.get("angle_cls"))
+    on = "cuda" if device.type == "cuda" and cuda_provider() else "cpu"
+    print(f"predict: {members[0].path} has a text branch: reading the text of the test pictures (tools.ocr, "
+          f"det size {det_size}, {on})", file=sys.stderr, flush=True)
+    run_ocr(data, workers=max(1, workers), device=on, det_size=det_size, angle_cls=angle_cls, progress=not quiet)
 
 
 def cleanup(path: Optional[str]) -> None:
@@ -100,7 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
 
-    from train.predict import PredictError, check_kind_weights, load_ensemble, predict, resolve_placement, score
+    from train.predict import (PredictError, check_kind_weights, load_ensemble, predict, resolve_placement, score,
+                               text_members)
 
     tmp = None
     try:
@@ -110,6 +128,7 @@ def main(argv=None) -> int:
         data = a.data
         if a.bson:
             data, tmp = repack_for_predict(a.bson, a.workdir, workers=a.threads)
+            read_text(data, text_members(members), device, a.threads, a.quiet)
         s = predict(data, members, a.out, tta=a.tta, kind_weights=dict(a.weight), batch=a.batch, backend=backend,
                     device=device, threads=a.threads, probs_path=a.probs, topk=a.topk, fallback=a.fallback,
                     dedup=a.dedup, progress=not a.quiet)
@@ -126,6 +145,8 @@ def main(argv=None) -> int:
     if a.dedup:
         print(f"  {s['duplicates']:,} products are duplicates of train products and get their category "
               f"(listed in {s['report']})")
+    if s["ocr"]:
+        print(f"  text branch: the words of {s['ocr'] if a.data else 'the test pictures (tools.ocr, above)'}")
     print(f"  data wait {100 * s['data_wait_share']:.0f}% of the prediction loop")
     for st in s["settings"]:
         print(f"  {st['setting']:<14} {st['kind']:<7} {st['models']} model(s) weight {st['weight']:g}: "

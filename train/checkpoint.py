@@ -16,14 +16,14 @@ import pickle
 import random
 import shutil
 import warnings
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from dali_pipes.config import drop_legacy_keys
 from dali_pipes.dataset import check_class_map
-from models import without_aux
+from models import without_aux, without_text
 from dali_pipes.fileio import TMP_SUFFIX, atomic_open, atomic_path
 
 FORMAT = 1
@@ -140,7 +140,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def check_model(ckpt: dict, path: str, model_name: str, head: str, model: torch.nn.Module,
                 ignore_aux: bool = False) -> None:
     """Refuse a checkpoint of another architecture, head or class count, naming both sides. ``ignore_aux``:
-    the hierarchy heads (``models.AUX_HEADS``) may differ (``train.init_from``)."""
+    the hierarchy heads (``models.AUX_HEADS``) and the text branch (``models.TEXT_BRANCH``) may differ
+    (``train.init_from``)."""
     theirs = f"{ckpt.get('model_name')} (head {ckpt.get('config', {}).get('model', {}).get('head')}, " \
              f"{ckpt.get('num_classes')} classes)"
     ours = f"{model_name} (head {head})"
@@ -150,13 +151,23 @@ def check_model(ckpt: dict, path: str, model_name: str, head: str, model: torch.
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
     if ignore_aux:
-        want, have = without_aux(want), without_aux(have)
+        want, have = without_text(without_aux(want)), without_text(without_aux(have))
     if want != have:
         missing = sorted(set(want) - set(have))[:3]
         extra = sorted(set(have) - set(want))[:3]
         shapes = [k for k in set(want) & set(have) if want[k] != have[k]][:3]
         raise CheckpointError(f"{path}: model {theirs} does not match this run's {ours}: missing {missing}, "
                               f"unexpected {extra}, other shapes {shapes}; use another --out for a new run")
+
+
+def check_text(ckpt: dict, path: str, hashing: Optional[dict], ocr_dir: str) -> None:
+    """Refuse a checkpoint whose text branch hashed its words otherwise than the OCR directory ``ocr_dir``
+    (``hashing``: its manifest's): the ids would name other words."""
+    theirs = ckpt.get("text_hashing")
+    if theirs is not None and hashing is not None and theirs != hashing:
+        raise CheckpointError(f"{path}: its text branch was trained on words hashed as {theirs}, but {ocr_dir} "
+                              f"hashes them as {hashing}; make the OCR with the tools.ocr of the checkpoint's "
+                              "version, or train the branch on this one")
 
 
 def check_classes(ckpt: dict, path: str, category_ids: List[int]) -> None:

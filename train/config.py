@@ -46,6 +46,10 @@ class ModelConfig:
     compile_mode: str = "default"
     sync_bn: bool = False  # SyncBatchNorm across ranks (only with more than one process)
     aux_levels: List[int] = field(default_factory=list)  # hierarchy heads: [1, 2] adds a head per level
+    # The OCR text branch: each picture's words read by tools.ocr (DATA/ocr) embedded and joined to the
+    # head's first layer; text_dim: the width of the word embedding
+    text_branch: bool = False
+    text_dim: int = 64
 
 
 @dataclass
@@ -111,6 +115,11 @@ class Config:
         if any(v not in AUX_LEVELS for v in lv) or len(set(lv)) != len(lv):
             raise ConfigError(f"model.aux_levels must list distinct levels out of {list(AUX_LEVELS)} "
                               f"(category_level1, category_level2), not {lv}")
+        if self.model.text_dim < 1:
+            raise ConfigError(f"model.text_dim must be >= 1, not {self.model.text_dim}")
+        if self.model.text_branch and self.data.backend == "synthetic":
+            raise ConfigError("model.text_branch needs the OCR of a DATA directory (tools.ocr), not "
+                              "data.backend=synthetic")
         if self.optim.aux_weight < 0:
             raise ConfigError("optim.aux_weight must be >= 0")
         if self.train.amp not in AMP_MODES:
@@ -327,6 +336,10 @@ def check_data(cfg: Config) -> None:
             raise ConfigError(f"{path} is an unlabelled repack (made with --unlabelled, for predict); train on a "
                               "repack of train.bson made with --categories")
         ds.shard_infos("train", cfg.data.tiled_k)
+        if cfg.model.text_branch:
+            from dali_pipes.ocr_files import require_manifest
+
+            require_manifest(path)
     except DatasetError as e:
         raise ConfigError(str(e)) from None
 

@@ -116,8 +116,9 @@ def evaluate(model: torch.nn.Module, loader, d: Dist, num_classes: int, autocast
     levels = [(name, index, _ProductSums(n, dev)) for name, (n, index) in (level_maps or {}).items()]
     for images, labels, meta in loader:
         images, labels = prepare(images, labels)
+        kw = {"text": meta["text"]} if "text" in meta else {}  # a model with a text branch: its OCR input
         with autocast():
-            logits = model(images, aux=True) if levels else model(images)
+            logits = model(images, aux=True, **kw) if levels else model(images, **kw)
         if levels:
             logits, aux = logits
             for (_, index, sums), head in zip(levels, aux):

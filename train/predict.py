@@ -55,6 +55,8 @@ class Member:
     config: dict
     category_ids: List[int]
     k: int = 0  # data.tiled_k it was trained with: the products it scores (KINDS)
+    text_hashing: Optional[dict] = None  # a text branch's word hashing: it reads the OCR of the test pictures
+    text_ocr: Optional[dict] = None  # ... read with these tools.ocr settings in training (det_size, angle_cls)
 
 
 def parse_spec(spec: str) -> Tuple[str, float]:
@@ -124,8 +126,11 @@ def load_member(spec: str, device: torch.device, tiled_k: int = 0) -> Member:
         use = f"--tiled {got}={path}" if got else f"--checkpoint {path}"
         raise PredictError(f"{path}: trained with data.tiled_k {got}, but {_what(tiled_k)} need data.tiled_k "
                            f"{tiled_k}; pass it as {use}")
+    text_hashing = ckpt.get("text_hashing") if cfg.get("model", {}).get("text_branch") else None
     try:
-        model = create_model(ckpt["model_name"], int(ckpt["num_classes"]), head=cfg["model"]["head"])
+        text = {"buckets": int(text_hashing["buckets"]), "dim": int(cfg["model"]["text_dim"])} if text_hashing else None
+        model = create_model(ckpt["model_name"], int(ckpt["num_classes"]), head=cfg["model"]["head"],
+                             text_branch=text)
         model.load_state_dict(without_aux(ckpt["model"]))  # hierarchy heads, if any, play no part here
         apply_input_norm(ckpt, model)  # the normalization the weights were trained with
     except (KeyError, RuntimeError) as e:
@@ -134,7 +139,8 @@ def load_member(spec: str, device: torch.device, tiled_k: int = 0) -> Member:
     model.eval().to(device)
     if cfg["model"].get("channels_last") and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    return Member(path, weight, model, cfg, list(ckpt["category_ids"]), got)
+    return Member(path, weight, model, cfg, list(ckpt["category_ids"]), got, text_hashing,
+                  ckpt.get("text_ocr") if text_hashing else None)
 
 
 def load_ensemble(specs: List[str], device: torch.device, tiled: Sequence[Tuple[int, str]] = ()) -> List[Member]:
@@ -226,14 +232,34 @@ def read_rows(data: str) -> Rows:
 
 # ---- the per-batch pieces (tools.bench times them too) --------------------------------------------------
 def make_loader(member: Member, data: str, backend: str, batch: int, threads: int, device: torch.device,
-                k: int = 0):
+                k: int = 0, text: bool = False):
     """The eval loader of ``data``'s test split with ``member``'s data settings (K > 0: tiled products), its
-    batches on ``device`` (from dali-cpu to a GPU: the loader's page-locked copy stream, as in training)."""
+    batches on ``device`` (from dali-cpu to a GPU: the loader's page-locked copy stream, as in training);
+    ``text``: with the pictures' OCR input (``data``/ocr) for the members with a text branch."""
     from dali_pipes.loader import build_loader
 
     dc = DataConfig(**drop_legacy_keys(member.config["data"]))  # the model takes the pictures as they come
     dc.path, dc.backend, dc.batch_size, dc.tiled_k, dc.num_threads = data, backend, batch, k, threads
-    return build_loader(dc, 0, 1, "test", device=device)[0]
+    return build_loader(dc, 0, 1, "test", device=device, text=text)[0]
+
+
+def text_members(members: List[Member]) -> List[Member]:
+    return [m for m in members if m.text_hashing is not None]
+
+
+def check_text_hashing(members: List[Member], loader, data: str) -> None:
+    """Each text member's word hashing against the OCR directory's (the loader's)."""
+    for m in text_members(members):
+        if m.text_hashing != loader.text_hashing:
+            raise PredictError(f"{m.path}: its text branch was trained on words hashed as {m.text_hashing}, but "
+                               f"{os.path.join(data, 'ocr')} hashes them as {loader.text_hashing}; make that OCR "
+                               "with the tools.ocr of the checkpoint's version")
+
+
+def double_text(text: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The OCR input of a batch followed by itself (the flip TTA's 2N pictures: a mirror has the same words)."""
+    ids, offsets = text
+    return torch.cat([ids, ids]), torch.cat([offsets, offsets + ids.shape[0]])
 
 
 def inference_autocast(device: torch.device):
@@ -275,31 +301,36 @@ class Scorer:
         self.one_pass = True
         self.autocast = inference_autocast(device)
 
-    def _probs(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _probs(self, member: Member, x: torch.Tensor, text) -> torch.Tensor:
+        kw = {"text": text} if member.text_hashing is not None else {}
         with self.autocast():
-            logits = model(x)
+            logits = member.model(x, **kw)
         return logits.float().softmax(1)
 
-    def _views(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _views(self, member: Member, x: torch.Tensor, text) -> torch.Tensor:
         """Probabilities summed over the views."""
         if not self.flip:
-            return self._probs(model, x)
+            return self._probs(member, x, text)
         n = x.shape[0]
         if self.one_pass:
             try:
-                q = self._probs(model, torch.cat([x, mirror(x, self.tiled_k)]))
+                both = double_text(text) if text is not None else None
+                q = self._probs(member, torch.cat([x, mirror(x, self.tiled_k)]), both)
                 return q[:n] + q[n:]
             except torch.cuda.OutOfMemoryError:
                 self.one_pass = False
                 torch.cuda.empty_cache()
-        return self._probs(model, x) + self._probs(model, mirror(x, self.tiled_k))
+        return self._probs(member, x, text) + self._probs(member, mirror(x, self.tiled_k), text)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, text=None) -> torch.Tensor:
+        """``text``: the batch's OCR input (``meta["text"]``), for the members with a text branch."""
         x = images.to(self.device, non_blocking=True)
+        if text is not None:
+            text = tuple(t.to(self.device, non_blocking=True) for t in text)
         total = None
         for m in self.members:
-            q = self._views(m.model, x).mul_(m.weight)
+            q = self._views(m, x, text).mul_(m.weight)
             total = q if total is None else total.add_(q)
         return total.mul_(self.scale)
 
@@ -407,7 +438,7 @@ class Stream:
             self.wait += time.perf_counter() - t0
             self.batches += 1
             with self.clock():
-                p = self.scorer(images)
+                p = self.scorer(images, meta.get("text"))
                 pids = meta["product_id"]
                 if self.sums is None:
                     ids, probs = pids.view(-1).numpy(), p
@@ -516,7 +547,10 @@ def open_streams(members: List[Member], ds, data: str, tta: str, backend: str, b
     for setting, group in groups.items():
         k = setting[0]
         empty = k and not ds.num_records("test", k)
-        loader = None if empty else make_loader(group[0], data, backend, batch, threads, device, k)
+        text = bool(text_members(group))
+        loader = None if empty else make_loader(group[0], data, backend, batch, threads, device, k, text)
+        if text and loader is not None:
+            check_text_hashing(group, loader, data)
         streams.append(Stream(setting, group, loader, tta, device))
     return streams
 
@@ -646,6 +680,7 @@ def _predict(data: str, members: List[Member], out: str, *, tta: str = "none",
                "data_wait_share": sum(st.wait for st in streams) / max(loop_s, 1e-9),
                "flip_one_pass": all(st.scorer.one_pass for st in streams),
                "settings": [st.report() for st in streams], "kind_weights": kind_weights,
+               "ocr": os.path.join(data, "ocr") if text_members(members) else None,
                "report": report_path, "submission": out}
     return summary
 

@@ -17,7 +17,8 @@ and what to do. No model and no loader are needed, so the rules are tested on di
   (``dali_pipes.loader``), whose refusal goes to ``ResumePlan.reader_mismatch``. Either is fine at an epoch
   end (the next epoch starts with fresh readers, and steps are converted to the new steps per epoch:
   ``ResumePlan.units``) and refused mid-epoch, where samples would be lost.
-* Refused (``REFUSED_KEYS``): model.name, model.head, model.aux_levels: the weights are another model's.
+* Refused (``REFUSED_KEYS``): model.name, model.head, model.aux_levels, model.text_branch, model.text_dim: the
+  weights are another model's.
 * Not read when resuming (``IGNORED_KEYS``): model.pretrained, train.init_from: the checkpoint's weights win.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .config import Config, to_dict
 
 OPTIMIZER_KEYS = ("optim.pretrained_lr_mult", "optim.new_lr_mult", "optim.betas", "optim.eps", "optim.weight_decay",
                   "optim.fused")
-REFUSED_KEYS = ("model.name", "model.head", "model.aux_levels")
+REFUSED_KEYS = ("model.name", "model.head", "model.aux_levels", "model.text_branch", "model.text_dim")
 IGNORED_KEYS = ("model.pretrained", "train.init_from")
 
 

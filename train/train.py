@@ -28,7 +28,7 @@ from dali_pipes.config import resolve_amp, resolve_backend
 from dali_pipes.dataset import DatasetError, class_levels
 from dali_pipes.loader import LoaderStateError, build_loader
 from dali_pipes.fileio import atomic_write_text
-from models import AUX_HEADS, create_model, param_groups
+from models import AUX_HEADS, TEXT_BRANCH, create_model, param_groups
 
 from . import checkpoint, resume
 from .config import Config, ConfigError, dump_yaml, resolve_run, to_dict
@@ -192,21 +192,28 @@ class Trainer:
         cfg, d, ck = self.cfg, self.d, self.ckpt
         state = self.plan.loader_state(ck["loader_states"], d.rank) if ck else None
         class_map = ck["category_ids"] if ck else None
+        text = cfg.model.text_branch
         try:
             self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
-                                                       state=state, class_map=class_map)
+                                                       state=state, class_map=class_map, text=text)
         except LoaderStateError as e:
             self.note(self.plan.reader_mismatch(e.detail))  # mid-epoch: refused
             self.train_loader, self.spe = build_loader(cfg.data, d.rank, d.world_size, "train", device=self.dev,
-                                                       class_map=class_map)
+                                                       class_map=class_map, text=text)
         self.category_ids = list(self.train_loader.category_ids)
         self.num_classes = self.train_loader.num_classes
         self.level_maps = self._level_maps()
+        self.text_hashing = self.train_loader.text_hashing
+        if text:
+            ocr_dir = os.path.join(cfg.data.path, "ocr")
+            self.note(f"text branch: the words tools.ocr read, from {ocr_dir}")
+            if ck:
+                checkpoint.check_text(ck, self.ckpt_path, self.text_hashing, ocr_dir)
         if ck:
             checkpoint.check_classes(ck, self.ckpt_path, self.category_ids)
         try:
             self.val_loader, _ = build_loader(cfg.data, d.rank, d.world_size, "val", device=self.dev,
-                                              class_map=self.category_ids)
+                                              class_map=self.category_ids, text=text)
         except DatasetError as e:
             self.val_loader = None
             self.note(f"no validation: {e}")
@@ -218,7 +225,9 @@ class Trainer:
         # ImageNet weights only for a new run: resuming or init_from overwrite every tensor anyway
         pretrained = None if ck or tc.init_from else mc.pretrained
         aux = {name: n for name, (n, _) in self.level_maps.items()} or None
-        raw = create_model(mc.name, self.num_classes, head=mc.head, pretrained=pretrained, aux_classes=aux)
+        text = {"buckets": int(self.text_hashing["buckets"]), "dim": mc.text_dim} if mc.text_branch else None
+        raw = create_model(mc.name, self.num_classes, head=mc.head, pretrained=pretrained, aux_classes=aux,
+                           text_branch=text)
         if ck:
             checkpoint.check_model(ck, self.ckpt_path, mc.name, mc.head, raw)
             raw.load_state_dict(ck["model"])
@@ -304,13 +313,22 @@ class Trainer:
         checkpoint.check_classes(src, path, self.category_ids)
         checkpoint.check_model(src, path, self.cfg.model.name, self.cfg.model.head, raw, ignore_aux=True)
         ours = raw.state_dict()
+        optional = (AUX_HEADS + ".", TEXT_BRANCH + ".")
+        if self.cfg.model.text_branch:  # a branch trained on other hashed ids would read other words
+            checkpoint.check_text(src, path, self.text_hashing, os.path.join(self.cfg.data.path, "ocr"))
         weights = {k: v for k, v in src["model"].items()
-                   if not k.startswith(AUX_HEADS + ".") or (k in ours and ours[k].shape == v.shape)}
+                   if not k.startswith(optional) or (k in ours and ours[k].shape == v.shape)}
         fresh = sorted({k.split(".")[1] for k in ours if k.startswith(AUX_HEADS + ".") and k not in weights})
         raw.load_state_dict(weights, strict=False)
         checkpoint.apply_input_norm(src, raw)  # the weights go on seeing pictures normalized as they were
         if fresh:
             self.note(f"init_from {path}: no trained hierarchy head for {', '.join(fresh)}: it starts fresh")
+        theirs = any(k.startswith(TEXT_BRANCH + ".") for k in src["model"])
+        if self.cfg.model.text_branch and not any(k.startswith(TEXT_BRANCH + ".") for k in weights):
+            self.note(f"init_from {path}: {'its text branch has other shapes' if theirs else 'no text branch'}: "
+                      "the text branch starts fresh (adding nothing to the outputs at first)")
+        elif theirs and not self.cfg.model.text_branch:
+            self.note(f"init_from {path}: its text branch is left out (model.text_branch is false)")
         self.note(f"init_from {path}: model weights of step {src['step']} (its best product acc "
                   f"{src['best']['metric']:.4f})")
 
@@ -344,24 +362,26 @@ class Trainer:
             loss = loss + w * self.criterion(head_logits, index[labels])
         return loss, logits
 
-    def _first_compiled_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def _first_compiled_step(self, images: torch.Tensor, labels: torch.Tensor, text=None) -> None:
         """torch.compile traces and compiles the model (forward, input normalization included, and backward)
         on its first call: say so, and how long that step took."""
         self._compile_pending = False
         self.log.print(f"compiling {self.cfg.model.name} with torch.compile (inductor) on the first step ...")
         t0 = time.perf_counter()
-        self.train_step(images, labels)
+        self.train_step(images, labels, text)
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
         self.log.print(f"compiled: the first step took {time.perf_counter() - t0:.1f} s, compilation included")
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, text=None) -> None:
+        """One step; ``text``: the batch's OCR input ``(ids, offsets)`` for a model with a text branch."""
         if self._compile_pending:
-            return self._first_compiled_step(images, labels)
+            return self._first_compiled_step(images, labels, text)
         if self._cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
+        kw = {} if text is None else {"text": text}
         with self.autocast():
-            outputs = self.model(images, aux=True) if self.level_maps else self.model(images)
+            outputs = self.model(images, aux=True, **kw) if self.level_maps else self.model(images, **kw)
             loss, logits = self.compute_loss(outputs, labels)
         self.scaler.scale(loss).backward()
         clip = self.cfg.optim.grad_clip
@@ -440,6 +460,8 @@ class Trainer:
                 "config": to_dict(self.cfg), "best": dict(self.best),
                 "loader_states": [p["loader"] for p in parts], "rng": [p["rng"] for p in parts],
                 "tb_dir": self.tb_dir, "input_norm": self.raw.input_norm(),
+                # how the text branch's word ids were made and read (None without a branch)
+                "text_hashing": self.text_hashing, "text_ocr": self.train_loader.text_settings,
             }
             last = os.path.join(self.run_dir, LAST)
             self.log.flush()  # the event files hold every step the checkpoint holds (a resume purges the rest)
@@ -489,7 +511,7 @@ class Trainer:
                 self._batches = iter(self.train_loader)
             t0 = time.perf_counter()
             try:
-                images, labels = next(self._batches)
+                images, labels, *text = next(self._batches)  # text: with model.text_branch
             except StopIteration:
                 raise RuntimeError(f"the train loader ended after step {self.step}, before the end of its epoch "
                                    f"({self.spe} steps); a loader bug") from None
@@ -501,7 +523,7 @@ class Trainer:
                 self._lr = lr
                 for g in self.opt.param_groups:
                     g["lr"] = lr * g["lr_mult"]
-            self.train_step(*self.prepare(images, labels))
+            self.train_step(*self.prepare(images, labels), *text)
             self.step += 1
             self.int_steps += 1
             done += 1

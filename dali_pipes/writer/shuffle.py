@@ -5,15 +5,18 @@ shards in sequence through a shuffle buffer of a few thousand images, so from a 
 one or two classes. After the chunks are written (each chunk's shard in file order, as before), every train
 group (``train`` and ``products/kK/train``) is reordered in two sequential passes:
 
-1. scatter: each chunk shard is read once, front to back, and each record is appended to one of B piece files
-   (B = the group's shard count), the bucket drawn from a generator seeded by ``(seed, chunk)``; the chunk's
-   shard is then removed;
-2. gather: each output shard ``b`` reads its B pieces, orders their records by the same random keys and is
-   written with its index (atomically, index first).
+1. scatter: each chunk shard is read front to back, and each record, preceded by its random sort key, is
+   appended to one of B piece files (B = the group's shard count), the bucket and key drawn from a generator
+   seeded by ``(seed, chunk)``; the chunk's shard is then removed. At most ``FILES_PER_PASS`` pieces are open
+   at once: with more buckets (a small ``--shard-size-mb`` on a large file) the chunk is read once per
+   ``FILES_PER_PASS`` buckets, so the process never nears the usual limit of 1,024 open files;
+2. gather: each output shard ``b`` reads its B pieces, orders their records by the keys the pieces carry and
+   is written with its index (atomically, index first). Each key is drawn once, in the scatter: the work
+   grows with the records, not with records x shards.
 
 The keys depend on the seed, the chunk number and the record's place in its chunk only, and the chunks depend
 only on the input and ``--shard-size-mb``: the output stays byte-identical for any ``--workers``. Every read
-and write is sequential (at most B + 1 files open per process); the extra cost is one more read and write of
+and write is sequential (at most ``FILES_PER_PASS`` + 1 files open per process); the extra cost is one more read and write of
 the train split, and one output shard in memory per process during the gather. Validation and test splits
 keep the file order (evaluation reads them in order). Records keep their own ``product_id`` and
 ``image_index``: whatever is keyed to an image uses those, never a record's position.
@@ -32,6 +35,8 @@ from ..records import read_index
 from .shards import _index_text
 
 _FRAME = struct.Struct("<Q")  # a record's payload length, the first 8 of its 16 bytes of framing
+_KEY = struct.Struct("<q")  # a record's sort key, before it in a piece
+FILES_PER_PASS = 512  # pieces open at once in one scatter pass
 
 
 def is_train_group(group: str) -> bool:
@@ -46,52 +51,56 @@ def _keys(seed: int, chunk: int, n: int, buckets: int) -> Tuple[np.ndarray, np.n
 
 
 def _scatter(args) -> List[str]:
-    """Pass 1 for one chunk shard: its records appended to one piece per bucket, then the shard removed.
+    """Pass 1 for one chunk shard: each record, after its sort key, appended to its bucket's piece (at most
+    ``FILES_PER_PASS`` pieces open: one read of the shard per that many buckets); then the shard is removed.
     Returns the pieces' paths, one per bucket."""
     out, group, split, info, chunk, buckets, seed = args
     path, idx = os.path.join(out, info["path"]), os.path.join(out, info["index"])
     sizes = [s for _, s in read_index(idx)]
-    bucket, _ = _keys(seed, chunk, len(sizes), buckets)
+    bucket, keys = _keys(seed, chunk, len(sizes), buckets)
     pieces = [temp_path_for(os.path.join(out, group, f"{split}-{b:05d}.tfrecord")) for b in range(buckets)]
-    handles = [open(p, "wb") for p in pieces]
-    try:
-        with open(path, "rb") as f:
-            for b, size in zip(bucket.tolist(), sizes):
-                handles[b].write(f.read(size))
-    finally:
-        for h in handles:
-            h.close()
+    for first in range(0, buckets, FILES_PER_PASS):
+        handles = {b: open(pieces[b], "wb") for b in range(first, min(first + FILES_PER_PASS, buckets))}
+        try:
+            with open(path, "rb") as f:
+                for b, k, size in zip(bucket.tolist(), keys.tolist(), sizes):
+                    h = handles.get(b)
+                    if h is None:
+                        f.seek(size, os.SEEK_CUR)
+                    else:
+                        h.write(_KEY.pack(k) + f.read(size))
+        finally:
+            for h in handles.values():
+                h.close()
     os.remove(path)
     os.remove(idx)
     return pieces
 
 
-def _frames(data: bytes) -> List[bytes]:
-    """The records (whole frames) of a piece, in order."""
-    out, pos, view = [], 0, memoryview(data)
+def _keyed_frames(data: bytes) -> Tuple[List[int], List[memoryview]]:
+    """The sort keys and the records (whole frames) of a piece, in order."""
+    keys, out, pos, view = [], [], 0, memoryview(data)
     while pos < len(data):
-        end = pos + 16 + _FRAME.unpack_from(data, pos)[0]
-        out.append(view[pos:end])
+        keys.append(_KEY.unpack_from(data, pos)[0])
+        start = pos + _KEY.size
+        end = start + 16 + _FRAME.unpack_from(data, start)[0]
+        out.append(view[start:end])
         pos = end
-    return out
+    return keys, out
 
 
 def _gather(args) -> dict:
     """Pass 2 for one output shard: its pieces' records in key order, written with their index."""
-    out, group, split, bucket, pieces, counts, buckets, seed = args
+    out, group, split, bucket, pieces = args
     records: List[memoryview] = []
-    keys: List[np.ndarray] = []
-    for chunk, (piece, n) in enumerate(zip(pieces, counts)):
+    keys: List[int] = []
+    for piece in pieces:
         with open(piece, "rb") as f:
             data = f.read()
-        frames = _frames(data)
-        b, k = _keys(seed, chunk, n, buckets)
-        k = k[b == bucket]
-        if len(k) != len(frames):
-            raise AssertionError(f"{piece}: {len(frames)} records, {len(k)} expected")  # a bug, not input
+        k, frames = _keyed_frames(data)
         records += frames
-        keys.append(k)
-    order = np.argsort(np.concatenate(keys or [np.zeros(0, np.int64)]), kind="stable")
+        keys += k
+    order = np.argsort(np.asarray(keys, np.int64), kind="stable")
     name = os.path.join(group, f"{split}-{bucket:05d}")
     sizes = [len(records[i]) for i in order]
     if sizes:
@@ -122,9 +131,7 @@ def shuffle_group(out: str, group: str, infos: List[dict], seed: int, workers: i
     split = group.rsplit("/", 1)[-1]
     buckets = len(infos)
     pieces = _map(_scatter, [(out, group, split, info, c, buckets, seed) for c, info in enumerate(infos)], workers, init)
-    counts = [int(info["records"]) for info in infos]
-    done = _map(_gather, [(out, group, split, b, [p[b] for p in pieces], counts, buckets, seed)
-                          for b in range(buckets)], workers, init)
+    done = _map(_gather, [(out, group, split, b, [p[b] for p in pieces]) for b in range(buckets)], workers, init)
     return [d for d in done if d["records"]]
 
 
