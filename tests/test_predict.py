@@ -81,7 +81,7 @@ def test_checkpoint_with_another_class_map_is_refused(trained, tmp_path, capsys)
     torch.save(ck, other)
     _, r = predict(trained, tmp_path, capsys, "--checkpoint", str(other), check=False)
     assert r.returncode == 2 and "class map differs" in r.stderr and "Traceback" not in r.stderr
-    assert f"{other} vs {trained['ckpt']}" in r.stderr
+    assert f"{other} vs {trained['ckpt']}" in r.stderr and "trained on the same classes.csv" in r.stderr
     ck["config"]["data"]["tiled_k"] = 1  # an upsized member is checked the same way
     torch.save(ck, other)
     _, r = predict(trained, tmp_path, capsys, "--tiled", f"1={other}", check=False)

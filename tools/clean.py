@@ -41,6 +41,7 @@ def score_images(data: str, checkpoint: str, *, tta: str = "flip", batch: int = 
     from dali_pipes.dataset import check_class_map, open_dataset
     from dali_pipes.fileio import Progress
     from dali_pipes.loader import build_loader
+    from dali_pipes.records import OCR_DIR
     from train.predict import check_text_hashing, inference_autocast, load_member, resolve_placement, width_dim
 
     if tta not in ("flip", "none"):
@@ -57,7 +58,7 @@ def score_images(data: str, checkpoint: str, *, tta: str = "flip", batch: int = 
     loader, _ = build_loader(dc, 0, 1, split, device=device, augment=False, text=text)
     if text:
         check_text_hashing([member], loader, data)
-        print(f"clean: text branch: the words of {os.path.join(data, 'ocr')}", file=sys.stderr, flush=True)
+        print(f"clean: text branch: the words of {os.path.join(data, OCR_DIR)}", file=sys.stderr, flush=True)
     autocast = inference_autocast(device)
     n = loader.num_samples
     # One row per image in arrays sized once (28 bytes an image: 350 MB for the real 12.4M), not lists of

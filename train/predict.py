@@ -36,7 +36,7 @@ import torch
 from dali_pipes.config import DataConfig, drop_legacy_keys, resolve_amp, resolve_backend, tile_grid
 from dali_pipes.dataset import check_class_map, open_dataset
 from dali_pipes.fileio import Progress, atomic_path, atomic_write_text, csv_text
-from dali_pipes.records import HASHES_FILE, MAX_K, PRODUCTS_FILE, QUARANTINE_FILE
+from dali_pipes.records import HASHES_FILE, MAX_K, OCR_DIR, PRODUCTS_FILE, QUARANTINE_FILE
 from models import create_model, without_aux
 
 from .checkpoint import apply_input_norm, load as load_checkpoint
@@ -149,7 +149,12 @@ def load_ensemble(specs: List[str], device: torch.device, tiled: Sequence[Tuple[
     members = [load_member(s, device) for s in specs] + [load_member(s, device, k) for k, s in tiled]
     first = members[0]
     for m in members[1:]:
-        check_class_map(first.category_ids, m.category_ids, f"{m.path} vs {first.path}")
+        if m.category_ids != first.category_ids:  # the training advice of check_class_map does not apply here
+            diff = len(set(m.category_ids) ^ set(first.category_ids))
+            raise PredictError(f"{m.path} vs {first.path}: class map differs ({len(m.category_ids)} vs "
+                               f"{len(first.category_ids)} classes, {diff} category ids in one but not the other, "
+                               "or a different order): every member of an ensemble must be trained on the same "
+                               "classes.csv; leave that member out")
     return members
 
 
@@ -252,7 +257,7 @@ def check_text_hashing(members: List[Member], loader, data: str) -> None:
     for m in text_members(members):
         if m.text_hashing != loader.text_hashing:
             raise PredictError(f"{m.path}: its text branch was trained on words hashed as {m.text_hashing}, but "
-                               f"{os.path.join(data, 'ocr')} hashes them as {loader.text_hashing}; make that OCR "
+                               f"{os.path.join(data, OCR_DIR)} hashes them as {loader.text_hashing}; make that OCR "
                                "with the tools.ocr of the checkpoint's version")
 
 
@@ -680,7 +685,7 @@ def _predict(data: str, members: List[Member], out: str, *, tta: str = "none",
                "data_wait_share": sum(st.wait for st in streams) / max(loop_s, 1e-9),
                "flip_one_pass": all(st.scorer.one_pass for st in streams),
                "settings": [st.report() for st in streams], "kind_weights": kind_weights,
-               "ocr": os.path.join(data, "ocr") if text_members(members) else None,
+               "ocr": os.path.join(data, OCR_DIR) if text_members(members) else None,
                "report": report_path, "submission": out}
     return summary
 

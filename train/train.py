@@ -27,6 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dali_pipes.config import resolve_amp, resolve_backend
 from dali_pipes.dataset import DatasetError, class_levels
 from dali_pipes.loader import LoaderStateError, build_loader
+from dali_pipes.ocr_files import OcrError
+from dali_pipes.records import OCR_DIR
 from dali_pipes.fileio import atomic_write_text
 from models import AUX_HEADS, TEXT_BRANCH, create_model, param_groups
 
@@ -205,7 +207,7 @@ class Trainer:
         self.level_maps = self._level_maps()
         self.text_hashing = self.train_loader.text_hashing
         if text:
-            ocr_dir = os.path.join(cfg.data.path, "ocr")
+            ocr_dir = os.path.join(cfg.data.path, OCR_DIR)
             self.note(f"text branch: the words tools.ocr read, from {ocr_dir}")
             if ck:
                 checkpoint.check_text(ck, self.ckpt_path, self.text_hashing, ocr_dir)
@@ -214,6 +216,8 @@ class Trainer:
         try:
             self.val_loader, _ = build_loader(cfg.data, d.rank, d.world_size, "val", device=self.dev,
                                               class_map=self.category_ids, text=text)
+        except OcrError:  # the val pictures' words cannot be read: not a reason to train without validation
+            raise
         except DatasetError as e:
             self.val_loader = None
             self.note(f"no validation: {e}")
@@ -315,7 +319,7 @@ class Trainer:
         ours = raw.state_dict()
         optional = (AUX_HEADS + ".", TEXT_BRANCH + ".")
         if self.cfg.model.text_branch:  # a branch trained on other hashed ids would read other words
-            checkpoint.check_text(src, path, self.text_hashing, os.path.join(self.cfg.data.path, "ocr"))
+            checkpoint.check_text(src, path, self.text_hashing, os.path.join(self.cfg.data.path, OCR_DIR))
         weights = {k: v for k, v in src["model"].items()
                    if not k.startswith(optional) or (k in ours and ours[k].shape == v.shape)}
         fresh = sorted({k.split(".")[1] for k in ours if k.startswith(AUX_HEADS + ".") and k not in weights})
