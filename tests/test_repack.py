@@ -458,6 +458,27 @@ def test_missing_categories_file_and_bson(tmp_path):
     assert r.returncode == 2 and "none.bson: no such file" in r.stderr
 
 
+def test_a_repack_into_a_directory_another_repack_is_writing_is_refused(tmp_path):
+    """The marker is locked while a repack runs: a second one into the same --out, even with --overwrite,
+    stops with a clear error and removes nothing; once the first is gone (ended or killed) it may go on."""
+    import fcntl
+
+    import dali_pipes.writer.repack as rp
+
+    out, _, _ = run_repack(tmp_path, good_docs(4))
+    fd = os.open(os.path.join(out, rp.REPACK_MARKER), os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"a repack of in.bson by pid 4321")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as the live repack holds it
+    files = lambda: sorted(os.path.relpath(os.path.join(r, n), out) for r, _, ns in os.walk(out) for n in ns)
+    before = files()
+    with pytest.raises(RepackError, match="another repack is writing there now.*pid 4321"):
+        run_repack(tmp_path, good_docs(5), overwrite=True)
+    assert files() == before and "manifest.json" in before
+    os.close(fd)  # that repack ended, or was killed: its lock went with it
+    _, m, _ = run_repack(tmp_path, good_docs(5), overwrite=True)
+    assert m["counts"]["products_written"] == 5 and not os.path.exists(os.path.join(out, rp.REPACK_MARKER))
+
+
 def test_rerun_killed_run_starts_clean_and_existing_dataset_is_refused(tmp_path, monkeypatch):
     import dali_pipes.writer.repack as rp
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import csv
+import fcntl
 import functools
 import hashlib
 import json
@@ -485,9 +486,10 @@ def _is_repack(out: str) -> bool:
         return False
 
 
-def _prepare_out(out: str, overwrite: bool, bson_path: str) -> None:
+def _prepare_out(out: str, overwrite: bool, bson_path: str) -> int:
     """Make ``out`` an unfinished repack (``REPACK_MARKER``) with none of a repack's files in it. ``out`` must
-    be new, empty, a finished repack (with ``overwrite``) or an unfinished one; anything else is refused."""
+    be new, empty, a finished repack (with ``overwrite``) or an unfinished one that no live repack holds;
+    anything else is refused. Returns the marker's locked descriptor (``_hold_marker``)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise RepackError(f"--out {out} is a file, not a directory; choose a new directory for the repack")
     names = sorted(os.listdir(out)) if os.path.isdir(out) else []
@@ -501,11 +503,32 @@ def _prepare_out(out: str, overwrite: bool, bson_path: str) -> None:
                           f"of a repack, no {REPACK_MARKER}); repack writes only into a new or empty directory, or "
                           "over its own: choose another --out (nothing was removed)")
     os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, REPACK_MARKER), f"a repack of {bson_path} started at "
-                      f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; removed when {MANIFEST} is written\n")
+    lock = _hold_marker(out)
+    os.ftruncate(lock, 0)
+    os.write(lock, f"a repack of {bson_path} by pid {os.getpid()} started at "
+                   f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; removed when {MANIFEST} is written\n"
+             .encode())
     if finished:
         os.remove(os.path.join(out, MANIFEST))  # first: a crash from here on leaves no manifest, i.e. no dataset
     _remove_own_files(out)
+    return lock
+
+
+def _hold_marker(out: str) -> int:
+    """The marker of ``out``, created if missing and locked (``flock``) for as long as this repack runs: a
+    second repack into ``out`` meanwhile is refused instead of removing the first one's files. The lock goes
+    with the process (and its workers), so the marker of a killed repack is free to take over."""
+    path = os.path.join(out, REPACK_MARKER)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(path) as f:
+            what = f.read().strip()
+        os.close(fd)
+        raise RepackError(f"{out}: another repack is writing there now ({what}); wait for it to end, or choose "
+                          "another --out (nothing was removed)") from None
+    return fd
 
 
 def _remove_own_files(out: str, temporaries_only: bool = False) -> None:
@@ -602,7 +625,7 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
         index = scan_offsets(bson_path)
     except BsonFileError as e:
         raise RepackError(str(e)) from None
-    _prepare_out(out, overwrite, bson_path)
+    lock = _prepare_out(out, overwrite, bson_path)
     quarantine = None
     try:
 
@@ -712,6 +735,8 @@ def repack(bson_path: str, out: str, categories: Optional[str] = None, val_fract
         if quarantine is not None:
             quarantine.abort()
         _remove_own_files(out, temporaries_only=True)  # the workers are gone: the pool was terminated
+        os.close(lock)
         raise
     os.remove(os.path.join(out, REPACK_MARKER))
+    os.close(lock)
     return manifest
