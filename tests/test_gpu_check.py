@@ -1,6 +1,7 @@
 """tools/gpu_check.sh on the CPU (its documented dry run, the demo model): the script a GPU session runs with
 minutes of device time must not fail on a typo, must keep to at most 8 files, and must fit its time."""
 import os
+import re
 import subprocess
 import sys
 
@@ -33,5 +34,6 @@ def test_a_step_without_time_left_is_skipped(tmp_path):
     """TOTAL_SECONDS bounds the whole check: the first step's share of 8 s is under the 10 s a step needs."""
     r = _check(tmp_path / "out", 8)
     assert r.returncode == 1
-    assert "generate: skipped, 8 s of TOTAL_SECONDS=8 left" in r.stdout, r.stdout
+    # the seconds left: 8, or less where the machine is busy before the first step starts
+    assert re.search(r"generate: skipped, [0-8] s of TOTAL_SECONDS=8 left", r.stdout), r.stdout
     assert "tune" not in r.stdout
