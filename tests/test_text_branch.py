@@ -184,6 +184,12 @@ def test_trains_predicts_and_cleans_with_the_words(text_set, tmp_path):
               image_run / "last.pt", "--tta", "flip", "--device", "cpu", "--threads", "1", "--out", sub2, "--quiet")
     assert p.returncode == 0 and f"text branch: the words of {test}/ocr" in p.stdout, p.stderr[-2000:]
     assert sub2.read_text() == sub.read_text()
+    # a checkpoint whose words were hashed otherwise: refused by name
+    other = tmp_path / "other_hashing.pt"
+    ck2 = checkpoint.load(str(text_run / "last.pt"))
+    checkpoint.save({**ck2, "text_hashing": {**ck2["text_hashing"], "ngrams": [2, 3]}}, str(other))
+    p = _tool("tools.predict", "--data", test, "--checkpoint", other, "--device", "cpu", "--out", tmp_path / "h.csv")
+    assert "its text branch was trained on words hashed as" in _error_line(p) and f"{test}/ocr" in p.stderr
     # a torn OCR unit: named, with what to do
     unit = next(os.path.join(r, f) for r, _, fs in os.walk(test / "ocr") for f in fs if f.endswith(".npz"))
     with open(unit, "r+b") as f:

@@ -160,10 +160,10 @@ def check_model(ckpt: dict, path: str, model_name: str, head: str, model: torch.
                               f"unexpected {extra}, other shapes {shapes}; use another --out for a new run")
 
 
-def check_text(ckpt: dict, path: str, hashing: Optional[dict], ocr_dir: str) -> None:
-    """Refuse a checkpoint whose text branch hashed its words otherwise than the OCR directory ``ocr_dir``
-    (``hashing``: its manifest's): the ids would name other words."""
-    theirs = ckpt.get("text_hashing")
+def check_text(theirs: Optional[dict], path: str, hashing: Optional[dict], ocr_dir: str) -> None:
+    """Refuse a checkpoint (at ``path``) whose text branch hashed its words (``theirs``: its ``text_hashing``)
+    otherwise than the OCR directory ``ocr_dir`` (``hashing``: its manifest's): the ids would name other
+    words. Training, predict and tools.clean check with this one function."""
     if theirs is not None and hashing is not None and theirs != hashing:
         raise CheckpointError(f"{path}: its text branch was trained on words hashed as {theirs}, but {ocr_dir} "
                               f"hashes them as {hashing}; make the OCR with the tools.ocr of the checkpoint's "

@@ -39,7 +39,7 @@ from dali_pipes.fileio import Progress, atomic_path, atomic_write_text, csv_text
 from dali_pipes.records import HASHES_FILE, MAX_K, OCR_DIR, PRODUCTS_FILE, QUARANTINE_FILE
 from models import create_model, without_aux
 
-from .checkpoint import apply_input_norm, load as load_checkpoint
+from .checkpoint import CheckpointError, apply_input_norm, check_text, load as load_checkpoint
 from .evaluate import product_runs
 
 
@@ -255,10 +255,10 @@ def text_members(members: List[Member]) -> List[Member]:
 def check_text_hashing(members: List[Member], loader, data: str) -> None:
     """Each text member's word hashing against the OCR directory's (the loader's)."""
     for m in text_members(members):
-        if m.text_hashing != loader.text_hashing:
-            raise PredictError(f"{m.path}: its text branch was trained on words hashed as {m.text_hashing}, but "
-                               f"{os.path.join(data, OCR_DIR)} hashes them as {loader.text_hashing}; make that OCR "
-                               "with the tools.ocr of the checkpoint's version")
+        try:
+            check_text(m.text_hashing, m.path, loader.text_hashing, os.path.join(data, OCR_DIR))
+        except CheckpointError as e:
+            raise PredictError(str(e)) from None
 
 
 def double_text(text: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -210,7 +210,7 @@ class Trainer:
             ocr_dir = os.path.join(cfg.data.path, OCR_DIR)
             self.note(f"text branch: the words tools.ocr read, from {ocr_dir}")
             if ck:
-                checkpoint.check_text(ck, self.ckpt_path, self.text_hashing, ocr_dir)
+                checkpoint.check_text(ck.get("text_hashing"), self.ckpt_path, self.text_hashing, ocr_dir)
         if ck:
             checkpoint.check_classes(ck, self.ckpt_path, self.category_ids)
         try:
@@ -319,7 +319,8 @@ class Trainer:
         ours = raw.state_dict()
         optional = (AUX_HEADS + ".", TEXT_BRANCH + ".")
         if self.cfg.model.text_branch:  # a branch trained on other hashed ids would read other words
-            checkpoint.check_text(src, path, self.text_hashing, os.path.join(self.cfg.data.path, OCR_DIR))
+            checkpoint.check_text(src.get("text_hashing"), path, self.text_hashing,
+                                  os.path.join(self.cfg.data.path, OCR_DIR))
         weights = {k: v for k, v in src["model"].items()
                    if not k.startswith(optional) or (k in ours and ours[k].shape == v.shape)}
         fresh = sorted({k.split(".")[1] for k in ours if k.startswith(AUX_HEADS + ".") and k not in weights})
