@@ -72,7 +72,6 @@ class Net(nn.Module):
             self.new_names += (AUX_HEADS,)
         # The text branch (model.text_branch): the OCR words of the picture, embedded and added to the
         # head's first layer (``join_width``, set by _build_head). forward(x) without text leaves it out.
-        self.text_spec = dict(text_branch) if text_branch else None
         if text_branch:
             # drawn from a fork of the RNG: every other weight is the one a model without the branch gets from
             # the same seed, so the two compare on the branch alone
@@ -138,12 +137,12 @@ class Net(nn.Module):
         input and the start of each picture's ids: the loader's, ``dali_pipes.ocr_files.TextLookup``), read by
         a model with a text branch; one without takes none."""
         f = self.forward_features(self.prepare_input(x))
-        t = None
-        if self.text_spec is not None:
+        t, branch = None, self._modules.get(TEXT_BRANCH)
+        if branch is not None:
             if text is None:
                 raise ValueError(f"{type(self).__name__} has a text branch: pass the batch's OCR input, "
                                  "model(images, text=(ids, offsets))")
-            t = self.text_branch(*text)
+            t = branch(*text)
         elif text is not None:
             raise ValueError(f"{type(self).__name__} has no text branch, yet was given text input")
         out = self.forward_head(f, t)
@@ -251,10 +250,12 @@ def without_aux(state_dict: dict) -> dict:
     return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
 
 
-def without_text(state_dict: dict) -> dict:
-    """A state dict without the text branch's tensors."""
-    prefix = TEXT_BRANCH + "."
-    return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+OPTIONAL_PREFIXES = (AUX_HEADS + ".", TEXT_BRANCH + ".")  # modules that train.init_from may add or leave out
+
+
+def without_optional(state_dict: dict) -> dict:
+    """A state dict without the hierarchy heads' and the text branch's tensors."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(OPTIONAL_PREFIXES)}
 
 
 def build(trunk: Trunk, num_classes: int, head: str = "first", **head_kw) -> Net:

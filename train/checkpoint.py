@@ -23,7 +23,7 @@ import torch
 
 from dali_pipes.config import drop_legacy_keys
 from dali_pipes.dataset import check_class_map
-from models import without_aux, without_text
+from models import without_optional
 from dali_pipes.fileio import TMP_SUFFIX, atomic_open, atomic_path
 
 FORMAT = 1
@@ -151,7 +151,7 @@ def check_model(ckpt: dict, path: str, model_name: str, head: str, model: torch.
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
     if ignore_aux:
-        want, have = without_text(without_aux(want)), without_text(without_aux(have))
+        want, have = without_optional(want), without_optional(have)
     if want != have:
         missing = sorted(set(want) - set(have))[:3]
         extra = sorted(set(have) - set(want))[:3]

@@ -30,7 +30,7 @@ from dali_pipes.loader import LoaderStateError, build_loader
 from dali_pipes.ocr_files import OcrError
 from dali_pipes.records import OCR_DIR
 from dali_pipes.fileio import atomic_write_text
-from models import AUX_HEADS, TEXT_BRANCH, create_model, param_groups
+from models import AUX_HEADS, OPTIONAL_PREFIXES, TEXT_BRANCH, create_model, param_groups
 
 from . import checkpoint, resume
 from .config import Config, ConfigError, dump_yaml, resolve_run, to_dict
@@ -317,12 +317,11 @@ class Trainer:
         checkpoint.check_classes(src, path, self.category_ids)
         checkpoint.check_model(src, path, self.cfg.model.name, self.cfg.model.head, raw, ignore_aux=True)
         ours = raw.state_dict()
-        optional = (AUX_HEADS + ".", TEXT_BRANCH + ".")
         if self.cfg.model.text_branch:  # a branch trained on other hashed ids would read other words
             checkpoint.check_text(src.get("text_hashing"), path, self.text_hashing,
                                   os.path.join(self.cfg.data.path, OCR_DIR))
         weights = {k: v for k, v in src["model"].items()
-                   if not k.startswith(optional) or (k in ours and ours[k].shape == v.shape)}
+                   if not k.startswith(OPTIONAL_PREFIXES) or (k in ours and ours[k].shape == v.shape)}
         fresh = sorted({k.split(".")[1] for k in ours if k.startswith(AUX_HEADS + ".") and k not in weights})
         raw.load_state_dict(weights, strict=False)
         checkpoint.apply_input_norm(src, raw)  # the weights go on seeing pictures normalized as they were
