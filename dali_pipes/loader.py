@@ -22,8 +22,9 @@ Backends ``dali-gpu`` (decode and augment on the GPU), ``dali-cpu`` (all on the 
   (aspect ratio kept; pictures already that size are untouched), then cropped (and flipped) as above. Where
   the manifest records that every picture of the split is ``cfg.image_size`` square, the graph has no
   per-picture size check at all (``loader.resize_check`` is False); older DATA directories keep it. In that
-  case dali-cpu cuts the window in the JPEG decoder and the loader mirrors the drawn pictures itself
-  (``loader.flips_here``; ``pipelines.apply_flips``, on the GPU when batches go there): same pixels.
+  case dali-cpu decodes the window's rows only and the loader cuts the columns and mirrors the drawn
+  pictures itself (``loader.crops_here``; ``pipelines.cut_windows``, on the GPU when batches go there):
+  same pixels.
   ``cfg.tiled_k`` in 1..4 reads the product shards and tiles the K crops: W x K (K=2, 3) or 2x2 (K=1:
   the single-image products, one picture each, as the upsized fine-tunes read them). The
   normalization (mean/std of the model's trunk, compute dtype, NCHW channels_last view) is the model's
@@ -68,7 +69,7 @@ import torch
 
 from .config import DataConfig, _say, require_backend
 from .dataset import DatasetError, check_class_map, open_dataset
-from .order import epoch_parts, write_epoch_index
+from .order import epoch_parts, scratch_root, write_epoch_index
 
 # 3: data.shuffle=epoch, a reader per epoch on that epoch's order (2: one reader for all epochs; 1: the train
 # iterator could leave a batch of padding for the next epoch)
@@ -153,7 +154,7 @@ class _Loader:
 class DaliLoader(_Loader):
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip,
                  augment=None, text=False):
-        from .pipelines import apply_flips, crops_in_decoder, graph_name
+        from .pipelines import crops_in_consumer, cut_windows, graph_name, picture_names
 
         super().__init__(cfg, rank, world_size, split, flip, augment)
         gpu = cfg.backend == "dali-gpu"
@@ -206,9 +207,11 @@ class DaliLoader(_Loader):
         self.tiled = bool(cfg.tiled_k)
         # The per-picture size check (a DALI conditional, ~5% of the CPU time) only where a picture may need it.
         self.resize_check = not ds.all_square(split, cfg.image_size)
-        # CPU decode without that check: the decoder cuts the window, _convert mirrors (pipelines.apply_flips).
-        self.flips_here = crops_in_decoder(cfg.backend, self.resize_check, self.gpu_augment)
-        self._apply_flips = apply_flips
+        # CPU decode without that check: the decoder decodes the window's rows, _convert cuts the columns and
+        # mirrors (pipelines.cut_windows).
+        self.crops_here = crops_in_consumer(cfg.backend, self.resize_check, self.gpu_augment)
+        self._pictures = picture_names(cfg.tiled_k, self.crops_here)
+        self._cut_windows = cut_windows
         # Named in the state: a reader checkpoint fits only the graph it was taken from.
         self.graph = graph_name(cfg, self.resize_check, self.gpu_augment)
         if state is not None:
@@ -231,8 +234,8 @@ class DaliLoader(_Loader):
         if self._by_epoch:
             # The reader reads its index files when it is built: they are gone right after, even if this
             # process is killed later.
-            scratch = tempfile.mkdtemp(prefix="dali-pipes-order-")
             parts = epoch_parts(counts, cfg.seed, self.epoch, rank, self.world_size)
+            scratch = tempfile.mkdtemp(prefix="dali-pipes-order-", dir=scratch_root(sum(len(p) for _, p in parts)))
             paths, idxs = write_epoch_index(scratch, paths, idxs, parts)
             seed, shard_id, num_shards = seed + 7_919 * self.epoch, 0, 1  # the files hold this rank's part only
         try:
@@ -245,7 +248,7 @@ class DaliLoader(_Loader):
             # drops what is past steps_per_epoch. With DROP it leaves a batch of padding copies in the pipeline
             # where W does not divide N and batch_size divides N // W: the next epoch would start with it.
             self.it = DALIGenericIterator(
-                self.pipe, output_names(cfg.tiled_k, flips=self.flips_here), reader_name=READER, auto_reset=True,
+                self.pipe, output_names(cfg.tiled_k, consumer_crop=self.crops_here), reader_name=READER, auto_reset=True,
                 last_batch_policy=LastBatchPolicy.PARTIAL)
         except RuntimeError as e:
             if checkpoint is None:
@@ -293,9 +296,9 @@ class DaliLoader(_Loader):
             self._open(None)
 
     def _convert(self, b: dict) -> tuple:
-        images = b["images"]
+        pictures = [b[name] for name in self._pictures]
         labels = b["labels"].view(-1)
-        flags = b["flip"] if self.flips_here else None
+        window = [b["window_x"], b["flip"]] if self.crops_here else []
         if self._copy_stream is not None:
             # dali-cpu feeding a GPU. From page-locked memory (a copy from pageable memory holds the host;
             # torch's caching host allocator keeps each page-locked block until its copy is done), on a
@@ -303,19 +306,20 @@ class DaliLoader(_Loader):
             # queued before asking for this batch, and that stream would wait for the copy. The compute
             # stream waits for the copy instead, and the batch's memory is marked as used there (so the
             # allocator does not hand it to the next copy while a step still reads it).
-            host = [t.pin_memory() for t in (images, labels, flags) if t is not None]
+            host = [t.pin_memory() for t in pictures + [labels] + window]
             with torch.cuda.stream(self._copy_stream):
                 moved = [t.to(self.device, non_blocking=True) for t in host]
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(self._copy_stream)
             for t in moved:
                 t.record_stream(compute)
-            images, labels = moved[:2]
-            flags = moved[2] if flags is not None else None
-        elif self.device is not None and images.device != self.device:
-            images, labels = images.to(self.device), labels.to(self.device)
-        if self.flips_here:  # on the CPU, or on the GPU after the copy (batched there)
-            self._apply_flips(images, flags, self.cfg.tiled_k)
+            k = len(pictures)
+            pictures, labels, window = moved[:k], moved[k], moved[k + 1:]
+        elif self.device is not None and pictures[0].device != self.device:
+            pictures, labels = [p.to(self.device) for p in pictures], labels.to(self.device)
+        # consumer-crop graph: the windows cut and mirrored on the CPU, or batched on the GPU after the copy
+        images = (self._cut_windows(pictures, *window, self.cfg.tiled_k, self.cfg.picture_side(self.train))
+                  if self.crops_here else pictures[0])
         pids = b["product_id"].view(-1)
         index = torch.full_like(pids, -1) if self.tiled else b["image_index"].view(-1)
         text = self._text(pids, index, images.device) if self.text is not None else None

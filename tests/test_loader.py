@@ -492,8 +492,8 @@ def _drop_picture_sizes(data_dir) -> None:
     mpath.write_text(json.dumps(m))
 
 
-def test_decoder_crop_graph_yields_the_same_batches(data_dir, data_copy):
-    """On all-square data the CPU loader cuts the window in the decoder and mirrors in torch; with the size
+def test_consumer_crop_graph_yields_the_same_batches(data_dir, data_copy):
+    """On all-square data the CPU loader decodes the window's rows and cuts and mirrors in torch; with the size
     check kept (a manifest without picture_sizes) it decodes whole pictures and crops and mirrors in DALI.
     Same seed, same draws: the same train batches, pixel for pixel, and the same mirrored eval (TTA) batches,
     single pictures and tiled products (strip and 2x2 grid: every tile mirrored in its own place). Tiled train
@@ -502,7 +502,7 @@ def test_decoder_crop_graph_yields_the_same_batches(data_dir, data_copy):
     _drop_picture_sizes(data_copy)
     roi, _ = build_loader(_cfg(data_dir, batch_size=8), 0, 1, "train")
     check, _ = build_loader(_cfg(data_copy, batch_size=8), 0, 1, "train")
-    assert roi.flips_here and not check.flips_here
+    assert roi.crops_here and not check.crops_here
     flipped = 0
     for (a, la), (b, lb) in zip(roi, check):
         assert torch.equal(la, lb) and torch.equal(a, b)
@@ -540,7 +540,7 @@ def test_dali_cpu_to_gpu_same_batches_as_on_the_cpu(data_dir, tiled_k):
         cfg = _cfg(data_dir, tiled_k=tiled_k, batch_size=8)
         host, _ = build_loader(cfg, 0, 1, split, flip=flip)
         gpu, _ = build_loader(cfg, 0, 1, split, flip=flip, device=dev)
-        assert gpu.flips_here
+        assert gpu.crops_here
         kept = []
         for n, (a, b) in enumerate(zip(host, gpu)):
             assert b[0].device == dev and b[1].device == dev

@@ -4,10 +4,12 @@ each epoch visits the images in a new order (repack: dali_pipes/writer/shuffle.p
 The sets are ~20x the shuffle buffer (data.initial_fill=32, batches of 32): a buffer that holds most of the
 set would mix any file."""
 import collections
+import os
 import tempfile
 
 import pytest
 
+from dali_pipes import order
 from dali_pipes.config import DataConfig
 from dali_pipes.dataset import open_dataset
 from dali_pipes.loader import build_loader
@@ -112,8 +114,15 @@ def test_each_epoch_visits_the_images_in_a_new_order(sorted_data, world_size):
 def test_resume_mid_epoch_in_a_later_epoch(sorted_data, tmp_path, monkeypatch):
     """A state taken in the middle of epoch 2 resumes that epoch's own order, the same batches as without a
     stop (the reader position is one in the epoch's index files, made again from the seed). The index files
-    are gone once each reader is built (nothing left behind by a killed run)."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    go to the memory file system where it has room, else to the temporary folder, and are gone once each
+    reader is built (nothing left behind by a killed run)."""
+    shm, tmp = tmp_path / "shm", tmp_path / "tmp"
+    shm.mkdir(), tmp.mkdir()
+    monkeypatch.setattr(order, "SHM", str(shm))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    made = []
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(kw.get("dir")) or mkdtemp(**kw))
     cfg = _cfg(sorted_data["shuffle"])
     ref, spe = build_loader(cfg, 1, 2, "train")
     ref.keep_ids = True
@@ -138,4 +147,9 @@ def test_resume_mid_epoch_in_a_later_epoch(sorted_data, tmp_path, monkeypatch):
     for _ in b:
         got.append(b.last_ids[0].tolist())
     assert got == want
-    assert list(tmp_path.iterdir()) == []
+    assert made and set(made) == {str(shm)}
+    assert list(shm.iterdir()) == [] and list(tmp.iterdir()) == []
+    st = os.statvfs(shm)
+    assert order.scratch_root(st.f_bavail * st.f_frsize // 24) is None  # no room for four ranks' files
+    monkeypatch.setattr(order, "SHM", str(tmp_path / "none"))
+    assert order.scratch_root(10) is None

@@ -7,7 +7,8 @@ from PIL import Image, ImageOps
 
 from dali_pipes.config import DataConfig
 from dali_pipes.dataset import open_dataset
-from dali_pipes.pipelines import apply_flips, build_pipeline, crops_in_decoder, output_names
+from dali_pipes.pipelines import (build_pipeline, crops_in_consumer, cut_windows, output_names, picture_names,
+                                  window_anchor)
 from dali_pipes.records import read_examples
 
 TOL = 2.0  # pixel levels: libjpeg-turbo in DALI and in PIL may round the IDCT/upsampling differently
@@ -50,7 +51,8 @@ def image_records(ds):
 _BUILD_ARGS = ("flip", "device_id", "seed", "shard_id", "num_shards", "checkpoint", "with_params", "resize_check")
 
 # The two CPU graphs: with the per-picture size check (whole decode, then crop_mirror_normalize, as on the GPU)
-# and without it, where the decoder cuts the window and the consumer mirrors (crops_in_decoder, apply_flips).
+# and without it, where the decoder decodes the window's rows and the consumer cuts and mirrors
+# (crops_in_consumer, cut_windows).
 GRAPHS = pytest.mark.parametrize("resize_check", [True, False], ids=["check", "roi"])
 
 
@@ -65,24 +67,27 @@ def _pipe(ds, split, k=0, **kw):
 
 
 def _names(k=0, with_params=False, resize_check=True, backend="dali-cpu"):
-    return output_names(k, with_params, crops_in_decoder(backend, resize_check))
+    return output_names(k, with_params, crops_in_consumer(backend, resize_check))
 
 
 def _epoch(pipe, n, names, k=0):
-    """The first ``n`` samples the pipeline yields, as {name: array}; where the graph left the mirror to the
-    consumer (a ``flip`` output), its pictures mirrored by ``apply_flips`` as the loader does."""
+    """The first ``n`` samples the pipeline yields, as {name: array}; where the graph left the window to the
+    consumer (a ``flip`` output), its batch made by ``cut_windows`` as the loader makes it (as ``images``)."""
     import torch
 
-    out = {k_: [] for k_ in names}
+    out = {k_: [] for k_ in names if not k_.startswith("images_")} | {"images": []}
     got = 0
     while got < n:
         batch = dict(zip(names, (np.array((v.as_cpu() if hasattr(v, "as_cpu") else v).as_tensor())
                                  for v in pipe.run())))
         if "flip" in batch:
-            apply_flips(torch.from_numpy(batch["images"]), torch.from_numpy(batch["flip"]), k)
+            rows = [torch.from_numpy(batch.pop(p)) for p in picture_names(k, True)]
+            side = rows[0].shape[1]
+            batch["images"] = cut_windows(rows, torch.from_numpy(batch["window_x"]), torch.from_numpy(batch["flip"]),
+                                          k, side).numpy()
         for k_, v in batch.items():
             out[k_].append(v)
-        got += len(out[names[0]][-1])
+        got += len(out["images"][-1])
     return {k_: np.concatenate(v)[:n] for k_, v in out.items()}
 
 
@@ -174,28 +179,32 @@ def test_tiled_train_crops_each_tile(ds, k, resize_check):
 
 
 @pytest.mark.parametrize("k", [0, 2, 3, 4])
-def test_apply_flips_loop_and_batched_agree(k):
-    """The CPU form (a flip per flagged tile) and the GPU form (a masked pass per tile position) of
-    apply_flips, on random pictures: each flagged tile mirrored in its place, the rest untouched."""
+def test_cut_windows_loop_and_batched_agree(k):
+    """The CPU form (a copy per picture) and the GPU form (a gather per tile position) of cut_windows, on
+    random rows: each tile the window from its own anchor (DALI's rounding, halves away from zero), mirrored
+    where flagged, in its own place."""
     import torch
 
     g = torch.Generator().manual_seed(k)
-    side, t = 8, max(1, k)
-    h, w = (2 * side, 2 * side) if k == 4 else (side, side * t)
-    images = torch.randint(0, 256, (6, h, w, 3), generator=g, dtype=torch.uint8)
+    side, width, t = 8, 13, max(1, k)
+    rows = [torch.randint(0, 256, (6, side, width, 3), generator=g, dtype=torch.uint8) for _ in range(t)]
+    pos = torch.rand((6, t), generator=g)
+    pos[0, 0], pos[1, 0], pos[2, 0], pos[3, 0] = 0.0, 1.0, 0.5, 0.75  # 0, 5, 2.5 -> 3, 3.75 -> 4
     flags = torch.randint(0, 2, (6, t), generator=g, dtype=torch.uint8)
     flags[0] = 1
     flags[1] = 0
-    want = images.clone()
+    assert window_anchor(pos[:4, 0], width - side).tolist() == [0, 5, 3, 4]
+    h, w = (2 * side, 2 * side) if k == 4 else (side, side * t)
+    want = torch.zeros((6, h, w, 3), dtype=torch.uint8)
     for i in range(6):
         for j in range(t):
             y, x = (side * (j // 2), side * (j % 2)) if k == 4 else (0, side * j)
-            if flags[i, j]:
-                want[i, y:y + side, x:x + side] = images[i, y:y + side, x:x + side].flip(1)
-    loop = apply_flips(images.clone(), flags, k, batched=False)
-    batched = apply_flips(images.clone(), flags, k, batched=True)
+            a = int(np.floor(float(pos[i, j]) * (width - side) + 0.5))
+            win = rows[j][i, :, a:a + side]
+            want[i, y:y + side, x:x + side] = win.flip(1) if flags[i, j] else win
+    loop = cut_windows(rows, pos, flags, k, side, batched=False)
+    batched = cut_windows(rows, pos, flags, k, side, batched=True)
     assert torch.equal(loop, want) and torch.equal(batched, want)
-    assert torch.equal(loop[1], images[1]) and not torch.equal(loop[0], images[0])
 
 
 def test_output_dtype(ds):
@@ -348,10 +357,10 @@ def test_odd_sizes_through_the_loader(odd_ds):
             assert np.abs(_pixels(img) - want).mean() < 0.5, (pid, index)
 
 
-def test_apply_flips_on_the_cpu_runs_on_one_torch_thread():
-    """The CPU mirrors run in the consumer's thread while DALI's threads decode: each 160x160 tile is just
-    above torch's parallel grain, and an OpenMP team woken per tile spins on the decoding cores (the loader
-    ran at 0.6-0.7x its rate on 2 cores). The flips see one thread; the caller's setting is restored."""
+def test_cut_windows_on_the_cpu_runs_on_one_torch_thread():
+    """The CPU copies run in the consumer's thread while DALI's threads decode: each 160x160 picture is just
+    above torch's parallel grain, and an OpenMP team woken per picture spins on the decoding cores (the
+    loader ran at 0.6-0.7x its rate on 2 cores). The copies see one thread; the caller's setting is restored."""
     import torch
 
     seen = []
@@ -359,20 +368,20 @@ def test_apply_flips_on_the_cpu_runs_on_one_torch_thread():
     class Spy(torch.Tensor):
         @classmethod
         def __torch_function__(cls, func, types, args=(), kwargs=None):
-            if func is torch.Tensor.flip:
+            if func is torch.Tensor.copy_:
                 seen.append(torch.get_num_threads())
             return super().__torch_function__(func, types, args, kwargs or {})
 
-    images = torch.randint(0, 256, (4, 160, 160, 3), dtype=torch.uint8)
+    rows = torch.randint(0, 256, (4, 160, 180, 3), dtype=torch.uint8)
     flags = torch.tensor([[1], [0], [1], [1]], dtype=torch.uint8)
-    want = images.clone()
-    want[[0, 2, 3]] = want[[0, 2, 3]].flip(2)
+    pos = torch.tensor([[0.0], [1.0], [0.5], [0.0]])
+    want = torch.stack([rows[0, :, :160].flip(1), rows[1, :, 20:], rows[2, :, 10:170].flip(1), rows[3, :, :160].flip(1)])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        out = apply_flips(images.as_subclass(Spy), flags, 0, batched=False)
+        out = cut_windows([rows.as_subclass(Spy)], pos, flags, 0, 160, batched=False)
         after = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    assert seen == [1, 1, 1] and after == 2
+    assert seen == [1, 1, 1, 1] and after == 2
     assert torch.equal(out.as_subclass(torch.Tensor), want)
