@@ -514,6 +514,25 @@ def test_consumer_crop_graph_yields_the_same_batches(data_dir, data_copy):
         assert torch.equal(a, b), k
 
 
+def test_mid_epoch_state_of_the_earlier_decoder_crop_graph_is_refused_by_name(data_dir):
+    """The README's migration promise: a dali-cpu state saved mid-epoch by the version whose CPU graph cut
+    the window in the decoder ('decoder-crop') is refused, naming both graphs, before any reader is built;
+    the same state with today's graph name resumes."""
+    from dali_pipes.loader import LoaderStateError
+
+    a, _ = build_loader(_cfg(data_dir), 0, 1, "train")
+    it = iter(a)
+    next(it), next(it)
+    state = a.state()
+    assert state["graph"] == "consumer-crop" and state["step"] == 2
+    old = dict(state, graph="decoder-crop")
+    with pytest.raises(LoaderStateError) as e:
+        build_loader(_cfg(data_dir), 0, 1, "train", state=old)
+    assert e.value.detail == "graph: saved 'decoder-crop', now 'consumer-crop'"
+    b, _ = build_loader(_cfg(data_dir), 0, 1, "train", state=state)
+    assert torch.equal(next(iter(b))[0], next(it)[0])
+
+
 def test_manifest_without_picture_sizes_keeps_the_resize_check(data_copy):
     """A DATA directory from before the field (or with sizes that do not add up) keeps the check."""
     import json
