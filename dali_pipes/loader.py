@@ -248,8 +248,8 @@ class DaliLoader(_Loader):
             # drops what is past steps_per_epoch. With DROP it leaves a batch of padding copies in the pipeline
             # where W does not divide N and batch_size divides N // W: the next epoch would start with it.
             self.it = DALIGenericIterator(
-                self.pipe, output_names(cfg.tiled_k, consumer_crop=self.crops_here), reader_name=READER, auto_reset=True,
-                last_batch_policy=LastBatchPolicy.PARTIAL)
+                self.pipe, output_names(cfg.tiled_k, consumer_crop=self.crops_here), reader_name=READER,
+                auto_reset=True, last_batch_policy=LastBatchPolicy.PARTIAL)
         except RuntimeError as e:
             if checkpoint is None:
                 raise

@@ -77,8 +77,8 @@ def graph_name(cfg: DataConfig, resize_check: bool, gpu_augment: bool = False) -
 def _picture(jpegs, *, decode_device: str, train: bool, flip: bool, size: int, image_size: int,
              gpu_args: dict, resize_check: bool, roi: bool, to_gpu: bool, gpu_roi: bool):
     """Decode one JPEG per sample and return (uint8 HWC picture, crop_x, crop_y, mirror); in the
-    ``crops_in_consumer`` graph (``roi``) the picture is the window's rows at full width, not mirrored yet. ``to_gpu``: CPU decode, then the
-    crop and mirror on the GPU; ``gpu_roi``: the GPU decoder cuts the window."""
+    ``crops_in_consumer`` graph (``roi``) the picture is the window's rows at full width, not mirrored yet.
+    ``to_gpu``: CPU decode, then the crop and mirror on the GPU; ``gpu_roi``: the GPU decoder cuts the window."""
     if train:
         # Seeded from the pipeline seed; DALI checkpoints their generator state, so a resumed run draws the
         # same crops and flips as an uninterrupted one.
@@ -128,8 +128,6 @@ def _tile(tiles, k: int):
 def window_anchor(pos, room: int):
     """The window's first column (or row) for ``pos`` in [0, 1] and ``room`` = picture side - window side,
     rounded as DALI's crop operators round it (half away from zero): int64, same shape as ``pos``."""
-    import torch
-
     v = pos.double() * room
     a = v.floor()
     return (a + (v - a >= 0.5).double()).long()

@@ -375,7 +375,8 @@ def test_cut_windows_on_the_cpu_runs_on_one_torch_thread():
     rows = torch.randint(0, 256, (4, 160, 180, 3), dtype=torch.uint8)
     flags = torch.tensor([[1], [0], [1], [1]], dtype=torch.uint8)
     pos = torch.tensor([[0.0], [1.0], [0.5], [0.0]])
-    want = torch.stack([rows[0, :, :160].flip(1), rows[1, :, 20:], rows[2, :, 10:170].flip(1), rows[3, :, :160].flip(1)])
+    want = torch.stack([rows[0, :, :160].flip(1), rows[1, :, 20:], rows[2, :, 10:170].flip(1),
+                        rows[3, :, :160].flip(1)])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
