@@ -339,9 +339,11 @@ def test_one_run_per_run_dir_and_workers_die_with_their_launcher(data_dir, tmp_p
         time.sleep(0.1)
     assert not [p for p in tree if _alive(p)], "processes of the killed run live on"
 
-    # the dead run's lock does not block; a stop signal to one rank stops both after the same step
+    # the dead run's lock does not block; a stop signal to one rank stops both after the same step. The killed
+    # run may have logged steps past its last checkpoint: wait for steps that only the new run can log.
     resumed_from = _last_step(run)
-    step, out = _stop_with(args, run, resumed_from + 2, signal.SIGTERM, "rank 1")
+    logged = max(r["step"] for r in records(run, "train"))
+    step, out = _stop_with(args, run, max(resumed_from, logged) + 2, signal.SIGTERM, "rank 1")
     assert f"resuming at step {resumed_from}" in out
     assert step % Trainer.STOP_CHECK_EVERY == 0 and step > resumed_from
     assert not stale.exists()  # removed by the run that started
