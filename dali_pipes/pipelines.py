@@ -164,7 +164,7 @@ def cut_windows(pictures, window_x, flags, tiled_k: int, side: int, batched=None
     torch.set_num_threads(1)
     try:
         for t, (pic, (y, x)) in enumerate(zip(pictures, places)):
-            dest = out[:, y:y + side, x:x + side] if len(pictures) > 1 else out
+            dest = out[:, y:y + side, x:x + side]
             for src, dst, a, f in zip(pic.unbind(0), dest.unbind(0), anchors[:, t].tolist(), flags[:, t].tolist()):
                 w = src.narrow(1, a, side)
                 dst.copy_(w.flip(1) if f else w)
