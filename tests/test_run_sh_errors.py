@@ -98,3 +98,25 @@ def test_config_yaml_has_no_float_artifacts():
         text = dump_yaml(load_config(name))
         for x in floats(yaml.safe_load(text)):
             assert float(f"{x:.10g}") == x, (name, x)
+
+
+def test_torchrun_leaves_out_its_report_where_the_workers_said_why(tmp_path):
+    """train.torchrun (what train.launch execs): a worker that ends the run with its own error line and status
+    2 (a refusal) or 4 (lost contact) in the status file gets no torchrun traceback and failure report after
+    that line; any other status keeps torch's report (a bug's traceback must stay)."""
+    import sys
+
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os, sys\n"
+                      "open(os.environ['TRAIN_STATUS_FILE'], 'w').write(sys.argv[1])\n"
+                      "print('error: the worker says why', file=sys.stderr)\n"
+                      "sys.exit(int(sys.argv[1]))\n")
+    for status, quiet in ((2, True), (4, True), (1, False)):
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TRAIN_STATUS_FILE=str(tmp_path / "status"))
+        p = subprocess.run([sys.executable, "-m", "train.torchrun", "--standalone", "--nproc_per_node=1",
+                            str(worker), str(status)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 1, p.stderr
+        assert "error: the worker says why" in p.stderr
+        report = "ChildFailedError" in p.stderr and "Traceback" in p.stderr
+        assert report is not quiet, (status, p.stderr)

@@ -6,9 +6,9 @@
    one ``error:`` line and exit status 2;
 2. ``RUN/.lock`` is taken (``hold_run_lock``): while a live run holds it, the start is refused in one line,
    exit status 2, naming the host and pid that hold it, before anything in RUN is touched;
-3. torchrun replaces this process (exec) and keeps the lock's file descriptor: the lock lives as long as
-   torchrun and dies with it (an OS lock: a killed run leaves no lock behind, only the file). torchrun's
-   workers do not inherit it (Python closes inherited descriptors in the children it starts).
+3. torchrun (``train.torchrun``) replaces this process (exec) and keeps the lock's file descriptor: the lock
+   lives as long as torchrun and dies with it (an OS lock: a killed run leaves no lock behind, only the file).
+   torchrun's workers do not inherit it (Python closes inherited descriptors in the children it starts).
 
 ``--no-lock``: the nodes of a multi-node run other than the one that hosts rank 0 (with c10d rendezvous no
 node knows that before it starts: the trainer's rank 0 takes the lock then, ``Trainer._prepare_run_dir``).
@@ -33,6 +33,11 @@ LOCK_ENV = "TRAIN_RUN_LOCK"
 # The launcher's pid, which torchrun keeps (exec): a worker compares its parent with it once it has asked to
 # die with that parent, so a torchrun that died while the worker was still starting is seen too.
 LAUNCHER_PID_ENV = "TRAIN_LAUNCHER_PID"
+# The trainer's exit statuses (README, "Exit status"), and the file in which, under run.sh, its processes leave
+# the run's status for run.sh to return (torchrun turns every failure into 1).
+EXIT_NONFINITE, EXIT_USAGE, EXIT_EARLY_STOP, EXIT_LOST_CONTACT, EXIT_STOPPED = 1, 2, 3, 4, 5
+EXIT_ERROR = 1  # any other error (its traceback says which)
+STATUS_ENV = "TRAIN_STATUS_FILE"
 # Signals torchrun passes on to its workers (torch versions with --signals-to-handle): SIGUSR1 is how SLURM
 # warns of the end of a job (sbatch --signal), the trainer checkpoints on it as on SIGTERM.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -103,7 +108,7 @@ def main(argv=None) -> int:
         os.set_inheritable(fd, True)
         os.environ[LOCK_ENV] = os.path.abspath(os.path.join(run_dir, LOCK))
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", "train.torchrun"]
     if _torchrun_has("--signals-to-handle"):
         cmd.append(f"--signals-to-handle={TORCHRUN_SIGNALS}")
     os.execv(sys.executable, cmd + argv[cut + 1:])

@@ -38,12 +38,11 @@ from .cpus import apply_cpu_share
 from .distributed import (Dist, all_gather_object, all_reduce, barrier, catch_stop_signals, cleanup, lost_contact,
                           setup, stop_signal)
 from .evaluate import evaluate
-from .launch import hold_run_lock
+from .launch import (EXIT_EARLY_STOP, EXIT_ERROR, EXIT_LOST_CONTACT, EXIT_NONFINITE, EXIT_STOPPED, EXIT_USAGE,
+                     STATUS_ENV, hold_run_lock)
 from .metrics import RunLog, memory_text, plot_curves, progress_line, summary
 from .schedule import StepSchedule
 
-EXIT_NONFINITE, EXIT_USAGE, EXIT_EARLY_STOP, EXIT_LOST_CONTACT, EXIT_STOPPED = 1, 2, 3, 4, 5
-EXIT_ERROR = 1  # any other error (its traceback says which)
 LAST, BEST = "last.pt", "best.pt"
 _NO_STEP = 2**62  # "no bad step yet" in the device-side min-reduction
 
@@ -662,7 +661,7 @@ def report_status(code: int) -> None:
     turns every failure into 1. Every process writes it (atomically), as soon as it knows it, so the status
     is there whichever process torchrun sees end first. The first status stays: an error on one rank makes
     the others lose contact (4) after it."""
-    path = os.environ.get("TRAIN_STATUS_FILE")
+    path = os.environ.get(STATUS_ENV)
     if not path or not code:
         return
     try:
@@ -677,7 +676,7 @@ def report_status(code: int) -> None:
 def _exit_status(code: int) -> int:
     """The process's exit status: under run.sh an early stop or a stop on a signal exits 0, so that torchrun
     does not report a failure (run.sh returns 3 or 5 from the status file)."""
-    if os.environ.get("TRAIN_STATUS_FILE") and code in (EXIT_EARLY_STOP, EXIT_STOPPED):
+    if os.environ.get(STATUS_ENV) and code in (EXIT_EARLY_STOP, EXIT_STOPPED):
         return 0
     return code
 
