@@ -23,19 +23,24 @@ NEED_OCR = if $(PY) -c "import sys; sys.exit(sys.version_info < (3, 13))"; then 
 	echo "OCR extra not installed: $(OCR_PIN) needs Python < 3.13 (tools.ocr and its tests are skipped)"; \
 	else $(PIP) $${QUIET:-} --no-deps $(OCR_PIN); fi
 
+# The window decoder (dali_pipes/native: the dali-cpu loader's JPEG decoder, a DALI operator of this project)
+# is built with g++ and libjpeg's headers (Debian/Ubuntu: apt-get install g++ libjpeg-dev), about 8 s. Where it
+# cannot be built the loader runs DALI's own decoder instead and says why; so does this line.
+NATIVE = $(PY) -m dali_pipes.native || echo "(the dali-cpu loader will use DALI's decoder: see the line above)"
+
 .PHONY: install install-dev install-ocr test demo clean docker-test
 
 install:
 	@$(NEED_TORCH)
-	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e .
+	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e . && $(NATIVE)
 
 install-dev:
 	@$(NEED_TORCH)
-	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e '.[dev,$(OCR_EXTRA)]' && $(NEED_OCR)
+	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e '.[dev,$(OCR_EXTRA)]' && $(NEED_OCR) && $(NATIVE)
 
 install-ocr:
 	@$(NEED_TORCH)
-	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e '.[$(OCR_EXTRA)]' && $(NEED_OCR)
+	@$(NEED_DEPS); $(PIP) $${QUIET:-} -e '.[$(OCR_EXTRA)]' && $(NEED_OCR) && $(NATIVE)
 
 test: install-dev
 	$(PY) -m pytest -q tests
@@ -49,4 +54,4 @@ docker-test:
 	@bash docker/test.sh
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info
+	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info dali_pipes/native/build

@@ -14,7 +14,7 @@ setup(
     description="High-throughput training service for large product-image catalogues (Cdiscount format)",
     python_requires=">=3.10",
     packages=find_packages(include=["dali_pipes*", "models*", "train*", "tools*"]),
-    package_data={"train": ["configs/*.yaml", "run.sh"]},
+    package_data={"train": ["configs/*.yaml", "run.sh"], "dali_pipes.native": ["*.cc"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",

@@ -22,9 +22,8 @@ Backends ``dali-gpu`` (decode and augment on the GPU), ``dali-cpu`` (all on the 
   (aspect ratio kept; pictures already that size are untouched), then cropped (and flipped) as above. Where
   the manifest records that every picture of the split is ``cfg.image_size`` square, the graph has no
   per-picture size check at all (``loader.resize_check`` is False); older DATA directories keep it. In that
-  case dali-cpu decodes the window's rows only and the loader cuts the columns and mirrors the drawn
-  pictures itself (``loader.crops_here``; ``pipelines.cut_windows``, on the GPU when batches go there):
-  same pixels.
+  case dali-cpu decodes each picture's window only, mirrored where drawn, straight into the batch
+  (``fn.window_decode``, ``dali_pipes.native``): same pixels.
   ``cfg.tiled_k`` in 1..4 reads the product shards and tiles the K crops: W x K (K=2, 3) or 2x2 (K=1:
   the single-image products, one picture each, as the upsized fine-tunes read them). The
   normalization (mean/std of the model's trunk, compute dtype, NCHW channels_last view) is the model's
@@ -154,7 +153,7 @@ class _Loader:
 class DaliLoader(_Loader):
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, split: str, device, state, class_map, flip,
                  augment=None, text=False):
-        from .pipelines import crops_in_consumer, cut_windows, graph_name, picture_names
+        from .pipelines import graph_name
 
         super().__init__(cfg, rank, world_size, split, flip, augment)
         gpu = cfg.backend == "dali-gpu"
@@ -207,11 +206,6 @@ class DaliLoader(_Loader):
         self.tiled = bool(cfg.tiled_k)
         # The per-picture size check (a DALI conditional, ~5% of the CPU time) only where a picture may need it.
         self.resize_check = not ds.all_square(split, cfg.image_size)
-        # CPU decode without that check: the decoder decodes the window's rows, _convert cuts the columns and
-        # mirrors (pipelines.cut_windows).
-        self.crops_here = crops_in_consumer(cfg.backend, self.resize_check, self.gpu_augment)
-        self._pictures = picture_names(cfg.tiled_k, self.crops_here)
-        self._cut_windows = cut_windows
         # Named in the state: a reader checkpoint fits only the graph it was taken from.
         self.graph = graph_name(cfg, self.resize_check, self.gpu_augment)
         if state is not None:
@@ -248,7 +242,7 @@ class DaliLoader(_Loader):
             # drops what is past steps_per_epoch. With DROP it leaves a batch of padding copies in the pipeline
             # where W does not divide N and batch_size divides N // W: the next epoch would start with it.
             self.it = DALIGenericIterator(
-                self.pipe, output_names(cfg.tiled_k, consumer_crop=self.crops_here), reader_name=READER,
+                self.pipe, output_names(cfg.tiled_k), reader_name=READER,
                 auto_reset=True, last_batch_policy=LastBatchPolicy.PARTIAL)
         except RuntimeError as e:
             if checkpoint is None:
@@ -296,9 +290,7 @@ class DaliLoader(_Loader):
             self._open(None)
 
     def _convert(self, b: dict) -> tuple:
-        pictures = [b[name] for name in self._pictures]
-        labels = b["labels"].view(-1)
-        window = [b["window_x"], b["flip"]] if self.crops_here else []
+        images, labels = b["images"], b["labels"].view(-1)
         if self._copy_stream is not None:
             # dali-cpu feeding a GPU. From page-locked memory (a copy from pageable memory holds the host;
             # torch's caching host allocator keeps each page-locked block until its copy is done), on a
@@ -306,20 +298,15 @@ class DaliLoader(_Loader):
             # queued before asking for this batch, and that stream would wait for the copy. The compute
             # stream waits for the copy instead, and the batch's memory is marked as used there (so the
             # allocator does not hand it to the next copy while a step still reads it).
-            host = [t.pin_memory() for t in pictures + [labels] + window]
+            host = [images.pin_memory(), labels.pin_memory()]
             with torch.cuda.stream(self._copy_stream):
-                moved = [t.to(self.device, non_blocking=True) for t in host]
+                images, labels = [t.to(self.device, non_blocking=True) for t in host]
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(self._copy_stream)
-            for t in moved:
-                t.record_stream(compute)
-            k = len(pictures)
-            pictures, labels, window = moved[:k], moved[k], moved[k + 1:]
-        elif self.device is not None and pictures[0].device != self.device:
-            pictures, labels = [p.to(self.device) for p in pictures], labels.to(self.device)
-        # consumer-crop graph: the windows cut and mirrored on the CPU, or batched on the GPU after the copy
-        images = (self._cut_windows(pictures, *window, self.cfg.tiled_k, self.cfg.picture_side(self.train))
-                  if self.crops_here else pictures[0])
+            images.record_stream(compute)
+            labels.record_stream(compute)
+        elif self.device is not None and images.device != self.device:
+            images, labels = images.to(self.device), labels.to(self.device)
         pids = b["product_id"].view(-1)
         index = torch.full_like(pids, -1) if self.tiled else b["image_index"].view(-1)
         text = self._text(pids, index, images.device) if self.text is not None else None

@@ -17,7 +17,7 @@ def _cfg(data_dir, **kw):
 
 def test_graph_names():
     cpu, gpu = DataConfig(backend="dali-cpu"), DataConfig(backend="dali-gpu", gpu_decoder_crop=True)
-    assert graph_name(cpu, resize_check=False) == "consumer-crop"
+    assert graph_name(cpu, resize_check=False) == "window-decode"
     assert graph_name(cpu, resize_check=False, gpu_augment=True) == "gpu-augment"
     assert graph_name(cpu, resize_check=True) == "size-check"
     assert graph_name(gpu, resize_check=False) == "gpu-decoder-crop"
@@ -29,7 +29,7 @@ def test_gpu_augment_without_a_gpu_leaves_the_cpu_graph(data_dir, capfd):
     plain, _ = build_loader(_cfg(data_dir), 0, 1, "train")
     asked, _ = build_loader(_cfg(data_dir, gpu_augment=True), 0, 1, "train")  # batches stay on the CPU
     assert "data.gpu_augment ignored" in capfd.readouterr().err
-    assert asked.graph == plain.graph == "consumer-crop" and asked.crops_here
+    assert asked.graph == plain.graph == "window-decode"
     (xa, ya), (xp, yp) = next(iter(asked)), next(iter(plain))
     assert torch.equal(xa, xp) and torch.equal(ya, yp)  # the same crops and flips: the CPU path is unchanged
 
@@ -62,15 +62,17 @@ def _prints(loader, n=3):
 
 
 @pytest.mark.gpu
-def test_gpu_augment_yields_the_decoder_crop_pixels_on_the_gpu(data_dir):
+def test_gpu_augment_yields_the_window_decoder_pixels_on_the_gpu(data_dir):
     """The same draws (crop positions, flips: one seed, one operator order), crop and mirror on the GPU."""
     dev = torch.device("cuda", 0)
     cpu, _ = build_loader(_cfg(data_dir), 0, 1, "train", device=dev)
     gpu, _ = build_loader(_cfg(data_dir, gpu_augment=True), 0, 1, "train", device=dev)
-    assert gpu.graph == "gpu-augment" and not gpu.crops_here and cpu.graph == "consumer-crop"
+    assert gpu.graph == "gpu-augment" and cpu.graph == "window-decode"
     for (xc, yc), (xg, yg) in zip(_prints(cpu), _prints(gpu)):
         assert torch.equal(yc, yg) and xg.shape == xc.shape
-        assert float((xg.float() - xc.float()).abs().mean()) < 0.5  # ROI vs whole decode: the same pixels
+        # DALI's decoder there, libjpeg-turbo's own here: the same pixels on the CPU (test_loader), a
+        # tolerance for another machine's libjpeg build
+        assert float((xg.float() - xc.float()).abs().mean()) < 0.5
 
 
 @pytest.mark.gpu

@@ -492,43 +492,42 @@ def _drop_picture_sizes(data_dir) -> None:
     mpath.write_text(json.dumps(m))
 
 
-def test_consumer_crop_graph_yields_the_same_batches(data_dir, data_copy):
-    """On all-square data the CPU loader decodes the window's rows and cuts and mirrors in torch; with the size
-    check kept (a manifest without picture_sizes) it decodes whole pictures and crops and mirrors in DALI.
-    Same seed, same draws: the same train batches, pixel for pixel, and the same mirrored eval (TTA) batches,
-    single pictures and tiled products (strip and 2x2 grid: every tile mirrored in its own place). Tiled train
-    batches are not compared: DALI seeds the tiles' draws differently in the two graphs (tests/test_pipelines.py
-    checks each tile's crop and flip against its draws)."""
+def test_window_decode_graph_yields_the_same_batches(data_dir, data_copy):
+    """On all-square data the CPU loader decodes each window straight into the batch, mirrored where drawn
+    (the window decoder); with the size check kept (a manifest without picture_sizes) it decodes whole
+    pictures with DALI's decoder and crops and mirrors in DALI. Same seed, same draws: the same train batches,
+    pixel for pixel, single pictures and tiled products, and the same mirrored eval (TTA) batches (strip and
+    2x2 grid: every tile mirrored in its own place)."""
     _drop_picture_sizes(data_copy)
-    roi, _ = build_loader(_cfg(data_dir, batch_size=8), 0, 1, "train")
-    check, _ = build_loader(_cfg(data_copy, batch_size=8), 0, 1, "train")
-    assert roi.crops_here and not check.crops_here
-    flipped = 0
-    for (a, la), (b, lb) in zip(roi, check):
-        assert torch.equal(la, lb) and torch.equal(a, b)
-        flipped += int(sum(not torch.equal(x, x.flip(1)) for x in a))
-    assert flipped  # pictures that a mirror changes
     for k in (0, 2, 4):
+        window, _ = build_loader(_cfg(data_dir, batch_size=8, tiled_k=k), 0, 1, "train")
+        check, _ = build_loader(_cfg(data_copy, batch_size=8, tiled_k=k), 0, 1, "train")
+        assert (window.graph, check.graph) == ("window-decode", "size-check")
+        flipped = 0
+        for (a, la), (b, lb) in zip(window, check):
+            assert torch.equal(la, lb) and torch.equal(a, b), k
+            flipped += int(sum(not torch.equal(x, x.flip(1)) for x in a))
+        assert flipped  # pictures that a mirror changes
         a = next(iter(build_loader(_cfg(data_dir, tiled_k=k), 0, 1, "val", flip=True)[0]))[0]
         b = next(iter(build_loader(_cfg(data_copy, tiled_k=k), 0, 1, "val", flip=True)[0]))[0]
         assert torch.equal(a, b), k
 
 
-def test_mid_epoch_state_of_the_earlier_decoder_crop_graph_is_refused_by_name(data_dir):
-    """The README's migration promise: a dali-cpu state saved mid-epoch by the version whose CPU graph cut
-    the window in the decoder ('decoder-crop') is refused, naming both graphs, before any reader is built;
-    the same state with today's graph name resumes."""
+def test_mid_epoch_state_of_the_earlier_consumer_crop_graph_is_refused_by_name(data_dir):
+    """The README's migration promise: a dali-cpu state saved mid-epoch by the version whose CPU graph left
+    the columns and the mirror to the consumer ('consumer-crop') is refused, naming both graphs, before any
+    reader is built; the same state with today's graph name resumes."""
     from dali_pipes.loader import LoaderStateError
 
     a, _ = build_loader(_cfg(data_dir), 0, 1, "train")
     it = iter(a)
     next(it), next(it)
     state = a.state()
-    assert state["graph"] == "consumer-crop" and state["step"] == 2
-    old = dict(state, graph="decoder-crop")
+    assert state["graph"] == "window-decode" and state["step"] == 2
+    old = dict(state, graph="consumer-crop")
     with pytest.raises(LoaderStateError) as e:
         build_loader(_cfg(data_dir), 0, 1, "train", state=old)
-    assert e.value.detail == "graph: saved 'decoder-crop', now 'consumer-crop'"
+    assert e.value.detail == "graph: saved 'consumer-crop', now 'window-decode'"
     b, _ = build_loader(_cfg(data_dir), 0, 1, "train", state=state)
     assert torch.equal(next(iter(b))[0], next(it)[0])
 
@@ -551,15 +550,15 @@ def test_manifest_without_picture_sizes_keeps_the_resize_check(data_copy):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiled_k", [0, 4])
 def test_dali_cpu_to_gpu_same_batches_as_on_the_cpu(data_dir, tiled_k):
-    """dali-cpu with a CUDA device: batches go through page-locked memory on a copy stream and the mirrors
-    run batched on the GPU; the same train and mirrored eval batches, pixel for pixel, as the loader without
+    """dali-cpu with a CUDA device: batches go through page-locked memory on a copy stream; the same train and
+    mirrored eval batches, pixel for pixel, as the loader without
     a device, also when they are kept while later ones arrive and a "step" keeps the compute stream busy."""
     dev = torch.device("cuda", 0)
     for split, flip in (("train", False), ("val", True)):
         cfg = _cfg(data_dir, tiled_k=tiled_k, batch_size=8)
         host, _ = build_loader(cfg, 0, 1, split, flip=flip)
         gpu, _ = build_loader(cfg, 0, 1, split, flip=flip, device=dev)
-        assert gpu.crops_here
+        assert gpu.graph == "window-decode"
         kept = []
         for n, (a, b) in enumerate(zip(host, gpu)):
             assert b[0].device == dev and b[1].device == dev

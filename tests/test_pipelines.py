@@ -7,8 +7,7 @@ from PIL import Image, ImageOps
 
 from dali_pipes.config import DataConfig
 from dali_pipes.dataset import open_dataset
-from dali_pipes.pipelines import (build_pipeline, crops_in_consumer, cut_windows, output_names, picture_names,
-                                  window_anchor)
+from dali_pipes.pipelines import build_pipeline, graph_name, output_names
 from dali_pipes.records import read_examples
 
 TOL = 2.0  # pixel levels: libjpeg-turbo in DALI and in PIL may round the IDCT/upsampling differently
@@ -51,9 +50,8 @@ def image_records(ds):
 _BUILD_ARGS = ("flip", "device_id", "seed", "shard_id", "num_shards", "checkpoint", "with_params", "resize_check")
 
 # The two CPU graphs: with the per-picture size check (whole decode, then crop_mirror_normalize, as on the GPU)
-# and without it, where the decoder decodes the window's rows and the consumer cuts and mirrors
-# (crops_in_consumer, cut_windows).
-GRAPHS = pytest.mark.parametrize("resize_check", [True, False], ids=["check", "roi"])
+# and without it, where the window decoder (dali_pipes.native) decodes each window straight into the batch.
+GRAPHS = pytest.mark.parametrize("resize_check", [True, False], ids=["check", "window"])
 
 
 def _pipe(ds, split, k=0, **kw):
@@ -66,29 +64,28 @@ def _pipe(ds, split, k=0, **kw):
     return build_pipeline(cfg, paths=paths, index_paths=idxs, train=train, **build)
 
 
-def _names(k=0, with_params=False, resize_check=True, backend="dali-cpu"):
-    return output_names(k, with_params, crops_in_consumer(backend, resize_check))
+def _names(k=0, with_params=False):
+    return output_names(k, with_params)
 
 
-def _epoch(pipe, n, names, k=0):
-    """The first ``n`` samples the pipeline yields, as {name: array}; where the graph left the window to the
-    consumer (a ``flip`` output), its batch made by ``cut_windows`` as the loader makes it (as ``images``)."""
-    import torch
-
-    out = {k_: [] for k_ in names if not k_.startswith("images_")} | {"images": []}
+def _epoch(pipe, n, names):
+    """The first ``n`` samples the pipeline yields, as {name: array}."""
+    out = {k_: [] for k_ in names}
     got = 0
     while got < n:
-        batch = dict(zip(names, (np.array((v.as_cpu() if hasattr(v, "as_cpu") else v).as_tensor())
-                                 for v in pipe.run())))
-        if "flip" in batch:
-            rows = [torch.from_numpy(batch.pop(p)) for p in picture_names(k, True)]
-            side = rows[0].shape[1]
-            batch["images"] = cut_windows(rows, torch.from_numpy(batch["window_x"]), torch.from_numpy(batch["flip"]),
-                                          k, side).numpy()
-        for k_, v in batch.items():
-            out[k_].append(v)
+        for k_, v in zip(names, pipe.run()):
+            out[k_].append(np.array((v.as_cpu() if hasattr(v, "as_cpu") else v).as_tensor()))
         got += len(out["images"][-1])
     return {k_: np.concatenate(v)[:n] for k_, v in out.items()}
+
+
+def test_the_cpu_graph_without_the_size_check_is_the_window_decoder(ds):
+    """The all-square CPU graph runs this project's window decoder (built here: the test machine has g++ and
+    libjpeg's headers), which DALI's serialized graph names; with the size check it is DALI's own decoder."""
+    cfg = DataConfig(backend="dali-cpu")
+    assert graph_name(cfg, resize_check=False) == "window-decode"
+    assert b"WindowDecode" in _pipe(ds, "train", resize_check=False).serialize()
+    assert b"WindowDecode" not in _pipe(ds, "train", resize_check=True).serialize()
 
 
 @GRAPHS
@@ -96,7 +93,7 @@ def test_train_pixels_labels_ids_for_a_whole_epoch(ds, image_records, resize_che
     """Every sample of a train epoch is the random crop (position and flip read back) of its own record,
     with that record's label, within JPEG decoder tolerance; the epoch is the split once."""
     n = ds.num_records("train")
-    names = _names(0, True, resize_check)
+    names = _names(0, True)
     out = _epoch(_pipe(ds, "train", with_params=True, resize_check=resize_check), n, names)
     keys = list(zip(out["product_id"][:, 0].tolist(), out["image_index"][:, 0].tolist()))
     assert len(set(keys)) == n  # shuffled, but each record once
@@ -119,7 +116,7 @@ def test_train_pixels_labels_ids_for_a_whole_epoch(ds, image_records, resize_che
 @pytest.mark.parametrize("flip,eval_crop", [(False, True), (True, True), (False, False)])
 def test_eval_centre_crop_flip_and_full_image(ds, image_records, flip, eval_crop, resize_check):
     n = ds.num_records("val")
-    names = _names(0, False, resize_check)
+    names = _names(0, False)
     out = _epoch(_pipe(ds, "val", flip=flip, eval_crop=eval_crop, resize_check=resize_check), n, names)
     keys = list(zip(out["product_id"][:, 0].tolist(), out["image_index"][:, 0].tolist()))
     assert len(set(keys)) == n
@@ -146,7 +143,7 @@ def test_tiled_sizes_and_tiles(ds, k, hw, resize_check):
     recs = [r for p in ds.shards("val", k)[0] for r in read_examples(p)]
     n = min(len(recs), 8)
     assert n > 0
-    out = _epoch(_pipe(ds, "val", k, flip=True, resize_check=resize_check), n, _names(k, False, resize_check), k)
+    out = _epoch(_pipe(ds, "val", k, flip=True, resize_check=resize_check), n, _names(k, False))
     h, w = hw
     assert out["images"].shape == (n, h, w, 3)
     for i in range(n):
@@ -166,7 +163,7 @@ def test_tiled_train_crops_each_tile(ds, k, resize_check):
     recs = {r["product_id"]: r for p in ds.shards("train", k)[0] for r in read_examples(p)}
     n = min(8, ds.num_records("train", k))
     out = _epoch(_pipe(ds, "train", k, with_params=True, resize_check=resize_check), n,
-                 _names(k, True, resize_check), k)
+                 _names(k, True))
     assert out["crop_x"].shape == (n, k) and 0 < out["mirror"].sum() < n * k  # some tiles mirrored, not all
     for i in range(n):
         rec = recs[int(out["product_id"][i, 0])]
@@ -176,35 +173,6 @@ def test_tiled_train_crops_each_tile(ds, k, resize_check):
             want = _window(_ref(rec[f"image_{t}"]), out["crop_x"][i, t], out["crop_y"][i, t],
                            bool(out["mirror"][i, t]), 160)
             assert np.abs(pic[y0:y0 + 160, x0:x0 + 160] - want).max() <= TOL
-
-
-@pytest.mark.parametrize("k", [0, 2, 3, 4])
-def test_cut_windows_loop_and_batched_agree(k):
-    """The CPU form (a copy per picture) and the GPU form (a gather per tile position) of cut_windows, on
-    random rows: each tile the window from its own anchor (DALI's rounding, halves away from zero), mirrored
-    where flagged, in its own place."""
-    import torch
-
-    g = torch.Generator().manual_seed(k)
-    side, width, t = 8, 13, max(1, k)
-    rows = [torch.randint(0, 256, (6, side, width, 3), generator=g, dtype=torch.uint8) for _ in range(t)]
-    pos = torch.rand((6, t), generator=g)
-    pos[0, 0], pos[1, 0], pos[2, 0], pos[3, 0] = 0.0, 1.0, 0.5, 0.75  # 0, 5, 2.5 -> 3, 3.75 -> 4
-    flags = torch.randint(0, 2, (6, t), generator=g, dtype=torch.uint8)
-    flags[0] = 1
-    flags[1] = 0
-    assert window_anchor(pos[:4, 0], width - side).tolist() == [0, 5, 3, 4]
-    h, w = (2 * side, 2 * side) if k == 4 else (side, side * t)
-    want = torch.zeros((6, h, w, 3), dtype=torch.uint8)
-    for i in range(6):
-        for j in range(t):
-            y, x = (side * (j // 2), side * (j % 2)) if k == 4 else (0, side * j)
-            a = int(np.floor(float(pos[i, j]) * (width - side) + 0.5))
-            win = rows[j][i, :, a:a + side]
-            want[i, y:y + side, x:x + side] = win.flip(1) if flags[i, j] else win
-    loop = cut_windows(rows, pos, flags, k, side, batched=False)
-    batched = cut_windows(rows, pos, flags, k, side, batched=True)
-    assert torch.equal(loop, want) and torch.equal(batched, want)
 
 
 def test_output_dtype(ds):
@@ -355,34 +323,3 @@ def test_odd_sizes_through_the_loader(odd_ds):
         for img, pid, index in zip(images.numpy(), meta["product_id"].tolist(), meta["image_index"].tolist()):
             want = _window(_resized_ref(ODD[pid][index]), 0.5, 0.5, False, 160)
             assert np.abs(_pixels(img) - want).mean() < 0.5, (pid, index)
-
-
-def test_cut_windows_on_the_cpu_runs_on_one_torch_thread():
-    """The CPU copies run in the consumer's thread while DALI's threads decode: each 160x160 picture is just
-    above torch's parallel grain, and an OpenMP team woken per picture spins on the decoding cores (the
-    loader ran at 0.6-0.7x its rate on 2 cores). The copies see one thread; the caller's setting is restored."""
-    import torch
-
-    seen = []
-
-    class Spy(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            if func is torch.Tensor.copy_:
-                seen.append(torch.get_num_threads())
-            return super().__torch_function__(func, types, args, kwargs or {})
-
-    rows = torch.randint(0, 256, (4, 160, 180, 3), dtype=torch.uint8)
-    flags = torch.tensor([[1], [0], [1], [1]], dtype=torch.uint8)
-    pos = torch.tensor([[0.0], [1.0], [0.5], [0.0]])
-    want = torch.stack([rows[0, :, :160].flip(1), rows[1, :, 20:], rows[2, :, 10:170].flip(1),
-                        rows[3, :, :160].flip(1)])
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        out = cut_windows([rows.as_subclass(Spy)], pos, flags, 0, 160, batched=False)
-        after = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-    assert seen == [1, 1, 1, 1] and after == 2
-    assert torch.equal(out.as_subclass(torch.Tensor), want)

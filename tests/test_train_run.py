@@ -184,7 +184,7 @@ def test_sigkilled_run_resumes_bit_exact(data_dir, tmp_path, reference_run):
 
 def test_resume_across_loader_graphs(data_dir, tmp_path):
     """A reader position fits only the DALI graph it was taken from. A re-repack that records (or drops) the
-    picture sizes switches the CPU loader between the consumer-crop graph and the size-check graph: from an
+    picture sizes switches the CPU loader between the window-decode graph and the size-check graph: from an
     epoch-end checkpoint the run goes on with fresh readers (a note says so); mid-epoch it is refused, naming
     both graphs."""
     import shutil
@@ -211,17 +211,17 @@ def test_resume_across_loader_graphs(data_dir, tmp_path):
     ck["input_norm"] = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     checkpoint.save(ck, str(run / "last.pt"))
     picture_sizes(True)
-    p = run_sh(*common, "train.epochs=1.5")  # consumer-crop graph, ends mid-epoch 2
+    p = run_sh(*common, "train.epochs=1.5")  # window-decode graph, ends mid-epoch 2
     assert "does not fit this loader" in p.stdout and "fresh readers" in p.stdout, p.stdout + p.stderr
     # the note names what differs; the loader's own advice (start without a state) is what the run just did
-    assert "graph: saved 'size-check', now 'consumer-crop'" in p.stdout and "afresh" not in p.stdout, p.stdout
+    assert "graph: saved 'size-check', now 'window-decode'" in p.stdout and "afresh" not in p.stdout, p.stdout
     ck = checkpoint.load(str(run / "last.pt"))
-    assert ck["step"] == round(1.5 * spe) and ck["loader_states"][0]["graph"] == "consumer-crop"
+    assert ck["step"] == round(1.5 * spe) and ck["loader_states"][0]["graph"] == "window-decode"
     assert ck["input_norm"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     picture_sizes(False)
     p = run_sh(*common, "train.epochs=2", check=False)
     assert p.returncode == 2
-    assert "graph: saved 'consumer-crop', now 'size-check'" in p.stderr, p.stdout + p.stderr
+    assert "graph: saved 'window-decode', now 'size-check'" in p.stderr, p.stdout + p.stderr
     assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr, p.stderr  # the refusal, not buried
     assert "stopped mid-epoch" in p.stderr and f"train.init_from={run / 'last.pt'}" in p.stderr, p.stderr
     assert checkpoint.load(str(run / "last.pt"))["step"] == round(1.5 * spe)  # nothing lost
