@@ -53,7 +53,7 @@ def run_mode(tmp_path, *args):
 def test_loader(data_dir, tmp_path):
     res = run_mode(tmp_path, "loader", "--data", str(data_dir), "--batch", "16", "--threads", "1",
                    "--seconds", "1", "--warmup", "2")
-    assert res["mode"] == "loader" and res["backend"] == "dali-cpu"
+    assert res["mode"] == "loader" and res["backend"] == "dali-cpu" and res["graph"] == "window-decode"
     assert res["images_per_s"] > 0 and 0 < res["batch_ms_p50"] <= res["batch_ms_p99"]
     assert res["env"]["batch"] == 16 and res["env"]["threads"] == 1
     # CPU time per picture over the timed batches: times the rate, the cores busy, at most all of them

@@ -451,7 +451,8 @@ def bench_loader(a) -> dict:
                              seconds=a.seconds, max_steps=steps if a.epoch else None, sync=_sync_for(on), cpu=cpu)
     pct = percentiles_ms(times)
     res = {"mode": "loader", "backend": backend, "images_per_s": rate, "batch_ms_p50": pct["p50"],
-           "batch_ms_p99": pct["p99"], "cpu_us_per_image": cpu["us_per_image"], "crop": a.crop}
+           "batch_ms_p99": pct["p99"], "cpu_us_per_image": cpu["us_per_image"], "crop": a.crop,
+           "graph": loader.graph}
     if a.epoch:
         import resource
 
