@@ -67,7 +67,7 @@ def _window_decoder(note) -> bool:
     if not ok and not _noted:
         _noted = True
         _say(f"dali-cpu: the window decoder is not available ({why}); the loader decodes whole pictures and "
-             "crops them in DALI (about 1.4x the CPU time per picture). `python -m dali_pipes.native` builds it",
+             "crops them in DALI (about twice the CPU time per picture). `python -m dali_pipes.native` builds it",
              note)
     return ok
 

@@ -130,3 +130,33 @@ def test_without_the_window_decoder_the_loader_says_why_and_yields_the_same_batc
     images, labels = next(iter(loader))
     theirs = torch.load(tmp_path / "batch.pt", weights_only=True)
     assert torch.equal(images, theirs[0]) and torch.equal(labels, theirs[1])
+
+
+def test_cuda_headers_from_a_toolkit_or_the_wheels(tmp_path, monkeypatch):
+    """DALI's headers include CUDA's runtime, crt/ and nv/ headers: from a toolkit that has all three, else
+    from the nvidia-* wheels that hold them (pip spreads them over three); the wheels to install where one
+    is missing."""
+    import dali_pipes.native as native
+
+    def touch(root, header):
+        (root / header).parent.mkdir(parents=True, exist_ok=True)
+        (root / header).write_text("")
+
+    toolkit, site = tmp_path / "cuda-12.4" / "include", tmp_path / "site"
+    wheel = {h: site / "nvidia" / name / "include" for h, name in
+             (("cuda_runtime_api.h", "cuda_runtime"), ("crt/host_config.h", "cuda_nvcc"), ("nv/target", "cuda_cccl"))}
+    for h in ("cuda_runtime_api.h", "crt/host_config.h"):
+        touch(toolkit, h)
+        touch(wheel[h], h)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(native, "_TOOLKITS", str(tmp_path / "cuda-*" / "include"))
+    monkeypatch.setattr(sys, "path", [str(site)])
+    monkeypatch.setattr("site.getsitepackages", lambda: [])
+    monkeypatch.setattr("site.getusersitepackages", lambda: str(tmp_path / "none"))
+    with pytest.raises(native.BuildError, match=r"missing \(nv/target\).*pip install nvidia-cuda-cccl-cu12$"):
+        native._cuda_includes()
+    touch(wheel["nv/target"], "nv/target")
+    assert native._cuda_includes() == [str(wheel[h]) for h in ("cuda_runtime_api.h", "crt/host_config.h", "nv/target")]
+    touch(toolkit, "nv/target")
+    assert native._cuda_includes() == [str(toolkit)]

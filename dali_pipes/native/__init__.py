@@ -9,8 +9,8 @@ dali-cpu loader runs its whole-picture graph instead and says why (``pipelines.g
 The library lives in ``$DALI_PIPES_NATIVE_DIR``, else in ``build/`` beside this file where that is writable,
 else in ``~/.cache/dali_pipes``; its name carries a hash of the source, DALI's version and the compiler
 flags, so a changed source or another DALI gets a build of its own. ``$CXX`` names the compiler (default
-``g++``); CUDA's runtime headers, which DALI's headers include, are looked for in ``$CUDA_HOME``,
-``/usr/local/cuda*`` and the ``nvidia-*`` wheels of torch.
+``g++``); the CUDA headers that DALI's headers include are looked for in ``$CUDA_HOME``, ``/usr/local/cuda*``
+and the ``nvidia-*`` wheels (``_cuda_includes``).
 """
 from __future__ import annotations
 
@@ -32,29 +32,43 @@ class BuildError(RuntimeError):
     pass
 
 
-def _cuda_include() -> Optional[str]:
-    """A directory holding ``cuda_runtime_api.h``: DALI's headers include it (none of it is called)."""
+# The CUDA headers that DALI's headers include (none of CUDA is called): the runtime's, the compiler's crt/
+# and CCCL's nv/. A CUDA toolkit has all three; pip spreads them over three wheels.
+_CUDA_HEADERS = {"cuda_runtime_api.h": "nvidia-cuda-runtime-cu12", "crt/host_config.h": "nvidia-cuda-nvcc-cu12",
+                 "nv/target": "nvidia-cuda-cccl-cu12"}
+_TOOLKITS = "/usr/local/cuda*/include"
+
+
+def _cuda_includes() -> List[str]:
+    """Include directories that hold ``_CUDA_HEADERS``: a toolkit's (``$CUDA_HOME``, ``/usr/local/cuda*``),
+    else those of the ``nvidia-*`` wheels; BuildError names the wheels to install where some are missing."""
     import site
 
-    roots = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    roots += sorted(glob.glob("/usr/local/cuda*/include"), reverse=True)
+    def has(d: str, h: str) -> bool:
+        return os.path.isfile(os.path.join(d, h))
+
+    toolkits = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    toolkits += sorted(glob.glob(_TOOLKITS), reverse=True)
+    for d in toolkits:
+        if all(has(d, h) for h in _CUDA_HEADERS):
+            return [d]
+    wheels = []
     for sp in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
-        roots += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")), reverse=True)
-    for r in roots:
-        if os.path.isfile(os.path.join(r, "cuda_runtime_api.h")):
-            return r
-    return None
+        wheels += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")), reverse=True)
+    found = {h: next((d for d in wheels if has(d, h)), None) for h in _CUDA_HEADERS}
+    missing = [h for h, d in found.items() if d is None]
+    if missing:
+        raise BuildError(f"CUDA headers that DALI's headers include are missing ({', '.join(missing)}): set "
+                         f"CUDA_HOME to a CUDA toolkit, or pip install {' '.join(_CUDA_HEADERS[h] for h in missing)}")
+    return list(dict.fromkeys(found.values()))
 
 
 def _command(out: str) -> List[str]:
     import nvidia.dali.sysconfig as dsys
 
-    cuda = _cuda_include()
-    if cuda is None:
-        raise BuildError("CUDA's runtime headers (cuda_runtime_api.h, which DALI's headers include) were not "
-                         "found: set CUDA_HOME, or pip install nvidia-cuda-runtime-cu12")
     cxx = shlex.split(os.environ.get("CXX") or "g++")
-    return (cxx + ["-std=c++20", "-O2", "-shared", "-fPIC", "-w", SOURCE, "-o", out, f"-I{cuda}"]
+    return (cxx + ["-std=c++20", "-O2", "-shared", "-fPIC", "-w", SOURCE, "-o", out]
+            + [f"-I{d}" for d in _cuda_includes()]
             + dsys.get_compile_flags() + dsys.get_link_flags() + ["-ljpeg"])
 
 
