@@ -18,6 +18,7 @@ import fcntl
 import glob
 import hashlib
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -67,7 +68,8 @@ def _command(out: str) -> List[str]:
     import nvidia.dali.sysconfig as dsys
 
     cxx = shlex.split(os.environ.get("CXX") or "g++")
-    return (cxx + ["-std=c++20", "-O2", "-shared", "-fPIC", "-w", SOURCE, "-o", out]
+    simd = ["-mssse3"] if platform.machine() in ("x86_64", "AMD64") else []  # the mirror's byte shuffle
+    return (cxx + ["-std=c++20", "-O2", "-shared", "-fPIC", "-w", SOURCE, "-o", out] + simd
             + [f"-I{d}" for d in _cuda_includes()]
             + dsys.get_compile_flags() + dsys.get_link_flags() + ["-ljpeg"])
 
