@@ -25,6 +25,8 @@ import subprocess
 import sys
 from typing import List, Optional, Tuple
 
+from ..fileio import atomic_path
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "window_decode.cc")
 _loaded: Optional[Tuple[bool, str]] = None  # (loaded, path or the reason it is not)
 
@@ -107,21 +109,16 @@ def build() -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building it: wait, then take its build
         if os.path.isfile(path):
             return path
-        tmp = f"{path}.{os.getpid()}.tmp"
-        cmd = _command(tmp)
-        if shutil.which(cmd[0]) is None:
-            raise BuildError(f"no C++ compiler ({cmd[0]!r}; set CXX, or apt-get install g++)")
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            lines = [ln for ln in p.stderr.splitlines() if "error" in ln] or p.stderr.splitlines()[-3:]
-            hint = (" (libjpeg-turbo's headers are missing: apt-get install libjpeg-dev)"
-                    if "jpeglib.h" in p.stderr else "")
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise BuildError(f"{cmd[0]} failed{hint}: {' | '.join(lines[:3])}")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            cmd = _command(tmp)
+            if shutil.which(cmd[0]) is None:
+                raise BuildError(f"no C++ compiler ({cmd[0]!r}; set CXX, or apt-get install g++)")
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                lines = [ln for ln in p.stderr.splitlines() if "error" in ln] or p.stderr.splitlines()[-3:]
+                hint = (" (libjpeg-turbo's headers are missing: apt-get install libjpeg-dev)"
+                        if "jpeglib.h" in p.stderr else "")
+                raise BuildError(f"{cmd[0]} failed{hint}: {' | '.join(lines[:3])}")
     return path
 
 
