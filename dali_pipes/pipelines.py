@@ -57,7 +57,7 @@ def _fit(img, side: int):
 _noted = False
 
 
-def _window_decoder(note) -> bool:
+def _window_decoder() -> bool:
     """Whether ``fn.window_decode`` is loaded (built first where it is missing); says once per process why
     not where it cannot be had."""
     from .native import window_decoder
@@ -68,18 +68,18 @@ def _window_decoder(note) -> bool:
         _noted = True
         _say(f"dali-cpu: the window decoder is not available ({why}); the loader decodes whole pictures and "
              "crops them in DALI (about twice the CPU time per picture). `python -m dali_pipes.native` builds it",
-             note)
+             None)
     return ok
 
 
-def graph_name(cfg: DataConfig, resize_check: bool, gpu_augment: bool = False, note=None) -> str:
+def graph_name(cfg: DataConfig, resize_check: bool, gpu_augment: bool = False) -> str:
     """Which graph reads the pictures, the name a loader state records (a reader position fits only its own
     graph). ``gpu_augment``: the dali-cpu batches go to a GPU and ``cfg.gpu_augment`` asked for it there."""
     if gpu_augment:
         return "gpu-augment"
     if resize_check:
         return "size-check"
-    if cfg.backend == "dali-cpu" and _window_decoder(note):
+    if cfg.backend == "dali-cpu" and _window_decoder():
         return "window-decode"
     if cfg.backend == "dali-gpu" and cfg.gpu_decoder_crop:
         return "gpu-decoder-crop"
@@ -168,7 +168,7 @@ def output_names(tiled_k: int, with_params: bool = False):
 def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequence[str], train: bool,
                    flip: bool = False, device_id: Optional[int] = None, seed: Optional[int] = None,
                    shard_id: int = 0, num_shards: int = 1, checkpoint=None, with_params: bool = False,
-                   resize_check: bool = True, gpu_augment: bool = False, note=None):
+                   resize_check: bool = True, gpu_augment: bool = False):
     """A built pipeline yielding ``output_names(cfg.tiled_k, with_params)``; images are uint8 ``(H, W, 3)`` per
     sample, ``cfg.picture_hw(train)``, mirrored where drawn (or where ``flip``).
 
@@ -184,7 +184,7 @@ def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequen
     padded instead of resized. ``has_resize_check(pipe)`` tells which graph a pipeline runs. ``gpu_augment``
     (dali-cpu with a ``device_id``): crop and mirror on that GPU, images and labels yielded there. The
     dali-gpu decoder takes ``cfg.decoder_affine``, ``cfg.bytes_per_sample_hint`` and, without the size check,
-    ``cfg.gpu_decoder_crop``. ``graph_name`` names the graph (``note``: where its remarks go)."""
+    ``cfg.gpu_decoder_crop`` (``graph_name`` names the graph)."""
     if cfg.backend not in ("dali-cpu", "dali-gpu"):
         raise ValueError(f"build_pipeline: data.backend must be dali-cpu or dali-gpu, not {cfg.backend!r}")
     gpu = cfg.backend == "dali-gpu"
@@ -195,7 +195,7 @@ def build_pipeline(cfg: DataConfig, *, paths: Sequence[str], index_paths: Sequen
     if gpu_augment and (gpu or device_id is None):
         raise ValueError("gpu_augment: dali-cpu batches cropped and mirrored on a GPU, so it needs data.backend="
                          f"dali-cpu (not {cfg.backend}) and a CUDA device_id (given: {device_id})")
-    graph = graph_name(cfg, resize_check, gpu_augment, note)
+    graph = graph_name(cfg, resize_check, gpu_augment)
     # GPU decoder only: the share of JPEGs for the hardware decoder (A100/H100), its buffers sized up front.
     gpu_args = {}
     if gpu:
